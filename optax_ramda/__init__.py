@@ -1,0 +1,60 @@
+"""optax_ramda: RAMDA, RMDA, ProxGen and ProxSGD as Optax transformations.
+
+Structured-sparsity training in JAX: the optimizers leave whole groups of
+weights (neurons, channels, heads) exactly zero. See ``README.md`` and the
+spec ``ALGORITHMS.md`` cited in the docstrings.
+"""
+
+from optax_ramda._src.alias import prox_adamw, prox_sgd, ramda, rmda
+from optax_ramda._src.dual_averaging import DualAveragingState, dual_averaging
+from optax_ramda._src.groups import GroupLeaf, GroupSpec
+from optax_ramda._src.interpolation import InterpolateState, interpolate
+from optax_ramda._src.moments import (
+    AdamSubproblemState,
+    SgdSubproblemState,
+    adam_subproblem,
+    sgd_subproblem,
+)
+from optax_ramda._src.preconditioners import (
+    CubeRootMetricState,
+    cube_root_metric,
+    sqrt_count_metric,
+)
+from optax_ramda._src.regularizers import GroupLasso, group_lasso, l1
+from optax_ramda._src.schedule import StageSchedule
+from optax_ramda._src.solve import SolveState, solve_subproblem
+from optax_ramda._src.structure import LeafStructure, StructureReport, structure
+from optax_ramda._src.subproblem import DualAverage, Subproblem
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdamSubproblemState",
+    "CubeRootMetricState",
+    "DualAverage",
+    "DualAveragingState",
+    "GroupLasso",
+    "GroupLeaf",
+    "GroupSpec",
+    "InterpolateState",
+    "LeafStructure",
+    "SgdSubproblemState",
+    "SolveState",
+    "StageSchedule",
+    "StructureReport",
+    "Subproblem",
+    "adam_subproblem",
+    "cube_root_metric",
+    "dual_averaging",
+    "group_lasso",
+    "interpolate",
+    "l1",
+    "prox_adamw",
+    "prox_sgd",
+    "ramda",
+    "rmda",
+    "sgd_subproblem",
+    "solve_subproblem",
+    "sqrt_count_metric",
+    "structure",
+]

@@ -1,0 +1,199 @@
+"""RAMDA, RMDA, ProxGen (proximal AdamW) and ProxSGD as short ``optax.chain``s.
+
+Every hyperparameter is a named argument, so ``optax.inject_hyperparams`` can
+schedule ``learning_rate``, ``strength``, ``momentum``, ``eps``, ``rtol``...
+The structural arguments must be passed as ``static_args`` when they are
+callables: ``regularizer`` is never callable, but ``accumulator_dtype`` (a
+dtype class) is::
+
+  opt = optax.inject_hyperparams(optax_ramda.ramda,
+                                 static_args=("accumulator_dtype",))(
+      learning_rate=0.01, strength=1e-4, regularizer=reg)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import optax
+from optax._src import base
+
+from optax_ramda._src.dual_averaging import dual_averaging
+from optax_ramda._src.interpolation import interpolate
+from optax_ramda._src.moments import adam_subproblem, sgd_subproblem
+from optax_ramda._src.preconditioners import cube_root_metric, sqrt_count_metric
+from optax_ramda._src.regularizers import GroupLasso
+from optax_ramda._src.schedule import StageSchedule
+from optax_ramda._src.solve import solve_subproblem
+
+
+def ramda(
+    learning_rate: base.ScalarOrSchedule,
+    strength: Any = 0.0,
+    regularizer: GroupLasso | None = None,
+    momentum: Any = 0.01,
+    eps: Any = 1e-6,
+    rtol: Any = 1e-8,
+    max_iters: Any = 100,
+    min_iters: Any = 2,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    steps_per_epoch: int = 1,
+    solver: str = "pg",
+    accumulator_dtype: Any | None = None,
+) -> base.GradientTransformation:
+  r"""RAMDA: Regularized Adaptive Momentum Dual Averaging (ALGORITHMS.md §2).
+
+  Per step (``k`` counts steps within the current stage)::
+
+    s = lr * sqrt(k) ;  alpha += s ;  V += s * g ;  U += s * g * g
+    P = cbrt(U) + eps
+    z = argmin_z <V, z - x0> + 1/2 <z - x0, P (z - x0)> + alpha * strength * psi(z)
+    x <- (1 - c) x + c z
+
+  The subproblem is solved by the paper's PG solver (§6). Exact zeros appear
+  in ``x`` once ``c`` reaches 1: in the last stage of the stage-wise schedule
+  (``milestones``, §7) ``c`` ramps to 1, and at each milestone ``lr`` and
+  ``eps`` are multiplied by ``gamma`` and the dual averages restart.
+
+  Example::
+
+    reg = optax_ramda.group_lasso({"w": optax_ramda.GroupSpec((1,)), "b": None})
+    opt = optax_ramda.ramda(learning_rate=0.01, strength=1e-3, regularizer=reg,
+                            milestones=(30, 60), steps_per_epoch=100)
+
+  Args:
+    learning_rate: ``lr`` > 0, or a schedule of the step count.
+    strength: ``lambda`` >= 0 of the regularizer.
+    regularizer: ``group_lasso(...)``/``l1(...)``, or None (then RAMDA is
+      MADGRAD with momentum ``1 - c``).
+    momentum: ``c`` in (0, 1], the interpolation weight (paper default 0.01).
+    eps: > 0, added outside the cube root.
+    rtol, max_iters, min_iters: the PG solver's stopping rule.
+    milestones: stage boundaries in epochs, strictly increasing (static).
+    gamma: decay of lr and eps at each milestone (static).
+    steps_per_epoch: steps in one epoch of ``milestones`` (static).
+    solver: ``"pg"`` or ``"pg_per_leaf"`` (static).
+    accumulator_dtype: dtype of ``x0``, ``V``, ``U``; None: the params'
+      (static).
+
+  References:
+    Z.-S. Huang, C.-p. Lee, *Regularized Adaptive Momentum Dual Averaging with
+    an Efficient Inexact Subproblem Solver for Training Structured Neural
+    Network*, NeurIPS 2024, arXiv:2403.14398.
+  """
+  schedule = StageSchedule(tuple(milestones), gamma, steps_per_epoch)
+  return optax.chain(
+      dual_averaging(learning_rate, schedule, accumulator_dtype),
+      cube_root_metric(eps, schedule, accumulator_dtype),
+      solve_subproblem(regularizer, strength, rtol, max_iters, min_iters, solver),
+      interpolate(momentum, schedule),
+  )
+
+
+def rmda(
+    learning_rate: base.ScalarOrSchedule,
+    strength: Any = 0.0,
+    regularizer: GroupLasso | None = None,
+    momentum: Any = 0.01,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    steps_per_epoch: int = 1,
+    accumulator_dtype: Any | None = None,
+) -> base.GradientTransformation:
+  r"""RMDA: Regularized Modernized Dual Averaging (ALGORITHMS.md §3).
+
+  Per step: ``beta = sqrt(k); s = lr * beta; alpha += s; V += s * g``;
+  ``z = prox_{(alpha / beta) strength psi}(x0 - V / beta)`` in closed form;
+  ``x <- (1 - c) x + c z``. Stage-wise schedule as in :func:`ramda` (no eps).
+
+  Example::
+
+    opt = optax_ramda.rmda(learning_rate=0.1, strength=1e-3, regularizer=reg)
+
+  References:
+    Z.-S. Huang, C.-p. Lee, *Training Structured Neural Networks Through
+    Manifold Identification and Variance Reduction*, ICLR 2022,
+    arXiv:2112.02612.
+  """
+  schedule = StageSchedule(tuple(milestones), gamma, steps_per_epoch)
+  return optax.chain(
+      dual_averaging(learning_rate, schedule, accumulator_dtype),
+      sqrt_count_metric(),
+      solve_subproblem(regularizer, strength),
+      interpolate(momentum, schedule),
+  )
+
+
+def prox_adamw(
+    learning_rate: base.ScalarOrSchedule,
+    strength: Any = 0.0,
+    regularizer: GroupLasso | None = None,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    rtol: Any = 1e-8,
+    max_iters: Any = 100,
+    min_iters: Any = 2,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    steps_per_epoch: int = 1,
+    solver: str = "pg",
+    accumulator_dtype: Any | None = None,
+) -> base.GradientTransformation:
+  r"""ProxGen with AdamW moments (ALGORITHMS.md §4).
+
+  ``x <- argmin_z <a m, z - x> + 1/2 <z - x, D (z - x)> + lr * strength *
+  psi(z)`` with ``a = lr / (1 - b1^k)``, ``D = sqrt(v) / sqrt(1 - b2^k) +
+  eps``, after decoupled weight decay. Without a regularizer this is AdamW.
+  ``lr`` decays by ``gamma`` at each milestone (no restarts, no ramp).
+
+  Example::
+
+    opt = optax_ramda.prox_adamw(learning_rate=1e-3, strength=1e-4, regularizer=reg)
+
+  References:
+    J. Yun, A. Lozano, E. Yang, *Adaptive Proximal Gradient Methods for
+    Structured Neural Networks*, NeurIPS 2021.
+  """
+  schedule = StageSchedule(tuple(milestones), gamma, steps_per_epoch)
+  return optax.chain(
+      adam_subproblem(
+          learning_rate, b1, b2, eps, weight_decay, schedule, accumulator_dtype
+      ),
+      solve_subproblem(regularizer, strength, rtol, max_iters, min_iters, solver),
+      interpolate(1.0),
+  )
+
+
+def prox_sgd(
+    learning_rate: base.ScalarOrSchedule,
+    strength: Any = 0.0,
+    regularizer: GroupLasso | None = None,
+    momentum: Any = 0.1,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    steps_per_epoch: int = 1,
+    accumulator_dtype: Any | None = None,
+) -> base.GradientTransformation:
+  r"""ProxSGD (ALGORITHMS.md §5).
+
+  ``buf <- (1 - c) buf + c g``; ``x <- prox_{lr strength psi}(x - lr buf)``.
+  ``lr`` decays by ``gamma`` at each milestone.
+
+  Example::
+
+    opt = optax_ramda.prox_sgd(learning_rate=0.1, strength=1e-3, regularizer=reg)
+
+  References:
+    Yang et al., *ProxSGD: Training Structured Neural Networks under
+    Regularization and Constraints*, ICLR 2020.
+  """
+  schedule = StageSchedule(tuple(milestones), gamma, steps_per_epoch)
+  return optax.chain(
+      sgd_subproblem(learning_rate, momentum, schedule, accumulator_dtype),
+      solve_subproblem(regularizer, strength),
+      interpolate(1.0),
+  )

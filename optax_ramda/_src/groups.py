@@ -1,0 +1,214 @@
+"""Groups of a parameter array, described by reduce axes (ALGORITHMS.md §1, §9).
+
+A group is a slice of one parameter array. A :class:`GroupSpec` names the axes
+a group's norm runs over ("reduce axes"); every index of the remaining axes is
+one group, so all groups of one array have the same size ``|g|``. Empty
+reduce axes make every entry its own group (the L1 norm).
+
+A spec tree holds one :class:`GroupSpec` (or ``None``: not regularized) per
+parameter leaf, or is a function ``params -> spec tree``. :func:`resolve`
+checks it against the params once, at trace time, and turns it into a tree of
+:class:`GroupLeaf` values that carry everything static the solvers need (the
+normalised axes and the weight ``sqrt(|g|)``); nothing about the grouping is
+recomputed per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+MaskedNode = optax.MaskedNode
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSpec:
+  """The reduce axes of one parameter leaf's groups.
+
+  Attributes:
+    reduce_axes: axes a group's norm runs over. Negative axes count from the
+      end. ``()`` makes every entry its own group (L1).
+
+  Example (Flax ``Dense`` kernel ``(in, out)``, input-wise groups, one per
+  kernel row)::
+
+    GroupSpec(reduce_axes=(1,))
+  """
+
+  reduce_axes: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    axes = self.reduce_axes
+    if isinstance(axes, int):
+      axes = (axes,)
+    axes = tuple(axes)
+    if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+      raise TypeError(
+          f"GroupSpec.reduce_axes must be integers, got {self.reduce_axes!r}."
+      )
+    object.__setattr__(self, "reduce_axes", axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unregularized:
+  """Marks a leaf with no regularizer in a resolved spec tree."""
+
+
+UNREGULARIZED = Unregularized()
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupLeaf:
+  """Static grouping of one regularized leaf, vectorised over its groups.
+
+  Every group reduction keeps dims, so a per-group value broadcasts against
+  the leaf.
+  """
+
+  reduce_axes: tuple[int, ...]
+  weight: float  # sqrt(|g|), the same for every group of the leaf
+  group_size: int
+  num_groups: int
+
+  def norm(self, x: jax.Array) -> jax.Array:
+    """Per-group Euclidean norm ``||x_g||`` (keepdims)."""
+    if not self.reduce_axes:
+      return jnp.abs(x)
+    return jnp.sqrt(jnp.sum(x * x, axis=self.reduce_axes, keepdims=True))
+
+  def max(self, x: jax.Array) -> jax.Array:
+    """Per-group maximum (keepdims); 0 for an empty group."""
+    if not self.reduce_axes:
+      return x
+    return jnp.max(x, axis=self.reduce_axes, keepdims=True, initial=0)
+
+  def sum(self, x: jax.Array) -> jax.Array:
+    """Per-group sum (keepdims)."""
+    if not self.reduce_axes:
+      return x
+    return jnp.sum(x, axis=self.reduce_axes, keepdims=True)
+
+  def shrink(self, z: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Block soft-thresholding (ALGORITHMS.md §6 step 5).
+
+    ``r_g = max(||z_g|| - threshold_g, 0)`` and ``z_g <- z_g * r_g / (r_g +
+    threshold_g)``. With a positive threshold a group whose norm does not
+    exceed it becomes exactly zero. Returns the new ``z`` and ``r`` (the
+    post-prox norms, keepdims).
+    """
+    r = jnp.maximum(self.norm(z) - threshold, 0)
+    den = r + threshold
+    safe = den > 0  # only 0 / 0 when threshold == 0 on a zero group
+    factor = jnp.where(safe, r / jnp.where(safe, den, 1), 0)
+    return z * factor, r
+
+
+def normalize_axes(axes: Sequence[int], ndim: int, path: str) -> tuple[int, ...]:
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"reduce axis {a} is out of range for parameter {path} with {ndim} "
+          f"dimension(s). Use axes in [-{ndim}, {ndim - 1}], e.g. "
+          "GroupSpec(reduce_axes=(1,)) for input-wise groups of a Flax Dense "
+          "kernel (in, out)."
+      )
+    out.append(a % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"repeated reduce axes {tuple(axes)} for parameter {path}.")
+  return tuple(sorted(out))
+
+
+def group_leaf(spec: GroupSpec, leaf: Any, path: str) -> GroupLeaf:
+  """The static :class:`GroupLeaf` of one leaf (checked)."""
+  shape = tuple(jnp.shape(leaf))
+  dtype = jnp.result_type(leaf)
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(
+        f"parameter {path} has dtype {dtype} but is regularized; only "
+        "floating-point parameters can be regularized. Give it None in the "
+        "group spec (or cast it to a float dtype)."
+    )
+  axes = normalize_axes(spec.reduce_axes, len(shape), path)
+  size = math.prod(shape[a] for a in axes)
+  groups = math.prod(s for i, s in enumerate(shape) if i not in axes)
+  return GroupLeaf(axes, math.sqrt(size), size, groups)
+
+
+def _is_spec_leaf(x: Any) -> bool:
+  return x is None or isinstance(x, (GroupSpec, MaskedNode))
+
+
+def _is_param_leaf(x: Any) -> bool:
+  return isinstance(x, MaskedNode)
+
+
+SpecTree = Any
+SpecLike = SpecTree | Callable[[Any], SpecTree]
+
+
+def resolve(
+    spec: SpecLike,
+    params: Any,
+    make_leaf: Callable[[Any, Any, str], Any] | None = None,
+) -> Any:
+  """Checks ``spec`` against ``params`` and returns a tree of static leaves.
+
+  The result has the structure of ``params``; each leaf is a
+  :class:`GroupLeaf` (or what ``make_leaf(spec_leaf, param_leaf, path)``
+  returns), :data:`UNREGULARIZED`, or an ``optax.MaskedNode`` where
+  ``params`` has one (inside ``optax.masked``).
+
+  Raises:
+    ValueError: the spec tree does not match the params, or an axis is out of
+      range.
+    TypeError: an integer leaf is regularized.
+  """
+  if make_leaf is None:
+    make_leaf = _default_make_leaf
+  tree = spec(params) if callable(spec) and not isinstance(spec, GroupSpec) else spec
+  p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_param_leaf)
+  if isinstance(tree, GroupSpec) or tree is None:
+    # One spec for every leaf.
+    s_leaves = [tree] * len(p_leaves)
+  else:
+    s_leaves, s_def = jax.tree_util.tree_flatten(tree, is_leaf=_is_spec_leaf)
+    if s_def != p_def:
+      raise ValueError(
+          "the group spec tree does not match the params tree.\n"
+          f"  params: {p_def}\n  spec:   {s_def}\n"
+          "Give exactly one GroupSpec (regularized) or None (not regularized) "
+          "per parameter leaf, in a tree of the same structure as the params, "
+          "or pass a function params -> spec tree."
+      )
+  out = []
+  for (path, p), s in zip(p_leaves, s_leaves):
+    name = jax.tree_util.keystr(path)
+    if isinstance(p, MaskedNode):
+      out.append(p)
+    elif s is None or isinstance(s, MaskedNode):
+      out.append(UNREGULARIZED)
+    elif isinstance(s, GroupSpec) or not isinstance(s, (list, tuple, dict)):
+      out.append(make_leaf(s, p, name))
+    else:
+      raise TypeError(f"unexpected group spec {s!r} for parameter {name}.")
+  return jax.tree_util.tree_unflatten(p_def, out)
+
+
+def _default_make_leaf(spec: Any, leaf: Any, path: str) -> GroupLeaf:
+  if not isinstance(spec, GroupSpec):
+    raise TypeError(
+        f"parameter {path}: expected a GroupSpec or None, got {spec!r}."
+    )
+  return group_leaf(spec, leaf, path)
+
+
+def is_static_leaf(x: Any) -> bool:
+  """``is_leaf`` for maps over resolved trees (keeps MaskedNode as a leaf)."""
+  return isinstance(x, MaskedNode)

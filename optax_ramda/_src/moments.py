@@ -1,0 +1,163 @@
+"""Momentum stages of ProxGen (Adam moments) and ProxSGD (ALGORITHMS.md §4, §5).
+
+Each turns gradients into the :class:`Subproblem` centred at the current
+params, for the solve stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import base, numerics
+
+from optax_ramda._src import validation
+from optax_ramda._src.dual_averaging import scalar_dtype
+from optax_ramda._src.schedule import StageSchedule
+from optax_ramda._src.subproblem import Subproblem
+
+
+def _learning_rate(learning_rate, schedule: StageSchedule, t: jax.Array) -> jax.Array:
+  lr = learning_rate(t) if callable(learning_rate) else learning_rate
+  return schedule.decay(jnp.asarray(lr, scalar_dtype()), t)
+
+
+class AdamSubproblemState(NamedTuple):
+  count: jax.Array  # int32, steps taken
+  mu: base.Updates  # m
+  nu: base.Updates  # v
+
+
+def adam_subproblem(
+    learning_rate: base.ScalarOrSchedule,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    schedule: StageSchedule | None = None,
+    accumulator_dtype: Any | None = None,
+) -> base.GradientTransformation:
+  r"""ProxGen's subproblem from AdamW moments (ALGORITHMS.md §4).
+
+  With ``k`` the 1-based step and ``x`` the params::
+
+    centre = x * (1 - lr * weight_decay)           (decoupled decay first)
+    m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g * g
+    D = sqrt(v) / sqrt(1 - b2^k) + eps
+    linear = (lr / (1 - b1^k)) * m ;  metric = D ;  scale = lr
+
+  The warm start is the centre. ``lr`` decays by the schedule's ``gamma`` at
+  each milestone (no restart).
+
+  References:
+    Yun, Lozano & Yang, *Adaptive Proximal Gradient Methods for Structured
+    Neural Networks*, NeurIPS 2021.
+  """
+  validation.check_positive("learning_rate", learning_rate)
+  validation.check_unit_interval("b1", b1)
+  validation.check_unit_interval("b2", b2)
+  validation.check_positive("eps", eps)
+  validation.check_non_negative("weight_decay", weight_decay)
+  schedule = schedule or StageSchedule()
+  acc = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
+
+  def init_fn(params):
+    return AdamSubproblemState(
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params, dtype=acc),
+        nu=optax.tree.zeros_like(params, dtype=acc),
+    )
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(base.NO_PARAMS_MSG)
+    t = state.count
+    lr = _learning_rate(learning_rate, schedule, t)
+    dt = lr.dtype
+    k = (t + 1).astype(dt)
+    b1_, b2_ = jnp.asarray(b1, dt), jnp.asarray(b2, dt)
+    bc1 = 1 - b1_**k
+    bc2 = 1 - b2_**k
+    a = lr / bc1
+    decay = 1 - lr * jnp.asarray(weight_decay, dt)
+
+    def moments(m, v, g):
+      g = g.astype(m.dtype)
+      c1, c2 = b1_.astype(m.dtype), b2_.astype(m.dtype)
+      return c1 * m + (1 - c1) * g, c2 * v + (1 - c2) * g * g
+
+    mv = jax.tree.map(moments, state.mu, state.nu, updates)
+    mu = jax.tree.map(lambda _, pair: pair[0], state.mu, mv)
+    nu = jax.tree.map(lambda _, pair: pair[1], state.nu, mv)
+    centre = jax.tree.map(lambda x: x * decay.astype(x.dtype), params)
+    sub = Subproblem(
+        centre=centre,
+        linear=jax.tree.map(lambda m: a.astype(m.dtype) * m, mu),
+        metric=jax.tree.map(
+            lambda v: jnp.sqrt(v) / jnp.sqrt(bc2).astype(v.dtype) + jnp.asarray(eps, v.dtype),
+            nu,
+        ),
+        scale=lr,
+        warm_start=centre,
+    )
+    return sub, AdamSubproblemState(numerics.safe_increment(t), mu, nu)
+
+  return base.GradientTransformation(init_fn, update_fn)
+
+
+class SgdSubproblemState(NamedTuple):
+  count: jax.Array  # int32, steps taken
+  momentum_buffer: base.Updates  # buf
+
+
+def sgd_subproblem(
+    learning_rate: base.ScalarOrSchedule,
+    momentum: Any = 0.1,
+    schedule: StageSchedule | None = None,
+    accumulator_dtype: Any | None = None,
+) -> base.GradientTransformation:
+  r"""ProxSGD's subproblem (ALGORITHMS.md §5).
+
+  ``buf <- (1 - c) buf + c g`` (from ``buf = 0``, no bias correction), then
+  centre ``x``, linear ``lr * buf``, scalar metric 1, scale ``lr``: the solve
+  stage returns ``prox_{lr psi}(x - lr buf)``.
+
+  References:
+    Yang, Yuan, Chatzimichailidis, van Sloun, Lei & Chatzinotas, *ProxSGD:
+    Training Structured Neural Networks under Regularization and
+    Constraints*, ICLR 2020.
+  """
+  validation.check_positive("learning_rate", learning_rate)
+  validation.check_momentum("momentum", momentum)
+  schedule = schedule or StageSchedule()
+  acc = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
+
+  def init_fn(params):
+    return SgdSubproblemState(
+        jnp.zeros([], jnp.int32), optax.tree.zeros_like(params, dtype=acc)
+    )
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(base.NO_PARAMS_MSG)
+    t = state.count
+    lr = _learning_rate(learning_rate, schedule, t)
+    c = jnp.asarray(momentum, lr.dtype)
+
+    def ema(b, g):
+      cc = c.astype(b.dtype)
+      return (1 - cc) * b + cc * g.astype(b.dtype)
+
+    buf = jax.tree.map(ema, state.momentum_buffer, updates)
+    sub = Subproblem(
+        centre=params,
+        linear=jax.tree.map(lambda b: lr.astype(b.dtype) * b, buf),
+        metric=jax.tree.map(lambda b: jnp.ones([], b.dtype), buf),
+        scale=lr,
+        warm_start=params,
+    )
+    return sub, SgdSubproblemState(numerics.safe_increment(t), buf)
+
+  return base.GradientTransformation(init_fn, update_fn)

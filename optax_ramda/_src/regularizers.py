@@ -1,0 +1,111 @@
+"""Structure-inducing regularizers as values (ALGORITHMS.md §1).
+
+A regularizer is static structure: *which* leaves are regularized and *how*
+(their groups). Its strength ``lambda`` is not part of it: every optimizer
+takes ``strength`` as a numeric hyperparameter, so ``optax.inject_hyperparams``
+can schedule it.
+
+Each regularizer knows
+
+* its value ``psi(x)`` (:meth:`GroupLasso.value`, without ``lambda``),
+* its closed-form prox under the identity metric (:meth:`GroupLasso.prox`),
+* what the scaled-prox solvers need: :meth:`GroupLasso.leaves` resolves it
+  against a params tree into per-leaf static objects (:class:`GroupLeaf`)
+  with vectorised group reductions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optax_ramda._src import groups as groups_lib
+from optax_ramda._src.groups import UNREGULARIZED, GroupLeaf, GroupSpec, SpecLike
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GroupLasso:
+  r"""The group LASSO ``psi(x) = sum_g sqrt(|g|) ||x_g||_2`` (ALGORITHMS.md §1).
+
+  The optimizer multiplies it by ``strength`` (lambda).
+
+  Attributes:
+    groups: a pytree matching the params with a :class:`GroupSpec` (or
+      ``None``: not regularized) per leaf, a single :class:`GroupSpec` for
+      every leaf, or a function ``params -> spec tree``.
+
+  Example::
+
+    reg = optax_ramda.group_lasso({"w": GroupSpec((1,)), "b": None})
+    reg.value({"w": jnp.ones((3, 4)), "b": jnp.ones(4)})  # 3 * 2 * 2 = 12
+  """
+
+  groups: SpecLike
+
+  def leaves(self, params: Any) -> Any:
+    """Resolves the spec against ``params`` (static; see ``groups.resolve``)."""
+    return groups_lib.resolve(self.groups, params)
+
+  def value(self, params: Any) -> jax.Array:
+    """``psi(params)``, summed over all regularized leaves (no lambda)."""
+    leaves = self.leaves(params)
+    terms = [
+        leaf.weight * jnp.sum(leaf.norm(x))
+        for leaf, x in zip(jax.tree.leaves(leaves), jax.tree.leaves(params))
+        if isinstance(leaf, GroupLeaf)
+    ]
+    return sum(terms, jnp.zeros([], jnp.result_type(float)))
+
+  def prox(self, params: Any, threshold: jax.Array | float) -> Any:
+    r"""Closed-form ``prox_{threshold * psi}`` under the identity metric.
+
+    ``argmin_z 1/2 ||z - y||^2 + threshold * psi(z)``: each group is shrunk
+    by ``threshold * sqrt(|g|)`` (block soft-thresholding); unregularized
+    leaves are returned unchanged.
+    """
+    return jax.tree.map(
+        lambda leaf, y: shrink_leaf(leaf, y, threshold),
+        self.leaves(params),
+        params,
+    )
+
+
+def shrink_leaf(leaf: Any, y: jax.Array, threshold: jax.Array | float) -> jax.Array:
+  """Identity-metric prox of one leaf with scale ``threshold`` (no-op if 0)."""
+  if not isinstance(leaf, GroupLeaf):
+    return y
+  t = jnp.asarray(threshold * leaf.weight, y.dtype)
+  z, _ = leaf.shrink(y, t)
+  # threshold 0 is "no regularizer": y itself, never pushed through the prox.
+  return jnp.where(t > 0, z, y)
+
+
+def group_lasso(groups: SpecLike) -> GroupLasso:
+  """The group LASSO over the groups described by ``groups`` (see GroupLasso)."""
+  return GroupLasso(groups)
+
+
+def l1(mask: Any = True) -> GroupLasso:
+  """The L1 norm ``sum_i |x_i|``: every entry its own group, weight 1.
+
+  Args:
+    mask: ``True`` (every leaf), a pytree of booleans matching the params, or
+      a function ``params -> tree of booleans``.
+  """
+
+  def to_spec(m: Any) -> Any:
+    return jax.tree.map(lambda b: GroupSpec(()) if b else None, m)
+
+  if mask is True:
+    return GroupLasso(GroupSpec(()))
+  if callable(mask):
+    return GroupLasso(lambda params: to_spec(mask(params)))
+  return GroupLasso(to_spec(mask))
+
+
+Regularizer = GroupLasso
+
+__all__ = ["UNREGULARIZED", "GroupLasso", "Regularizer", "group_lasso", "l1", "shrink_leaf"]

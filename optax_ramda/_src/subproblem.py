@@ -1,0 +1,73 @@
+"""The typed values that pass between the stages of a chain.
+
+``optax.chain`` only requires the first stage's input and the last stage's
+output to look like updates; in between, stages hand each other these
+NamedTuples of pytrees (DESIGN-NOTES "One subproblem, four optimizers"):
+
+============  =====================  =================  ===============
+method        first stage            then               then
+============  =====================  =================  ===============
+RAMDA         dual_averaging  -> DualAverage -> cube_root_metric -> Subproblem -> solve -> z -> interpolate
+RMDA          dual_averaging  -> DualAverage -> sqrt_count_metric -> Subproblem -> solve -> z -> interpolate
+ProxGen       adam_subproblem -> Subproblem -> solve -> z -> interpolate(1)
+ProxSGD       sgd_subproblem  -> Subproblem -> solve -> z -> interpolate(1)
+============  =====================  =================  ===============
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+
+
+class DualAverage(NamedTuple):
+  """Output of :func:`dual_averaging` (ALGORITHMS.md §2, §3).
+
+  Attributes:
+    grad: this step's gradient ``g``.
+    weight: ``s = lr * sqrt(k)``, the weight of ``g`` in the averages.
+    beta: ``sqrt(k)``, RMDA's scalar metric.
+    alpha: ``sum_{i<=k} s_i``, the regularizer's scale.
+    centre: ``x0``, the point the averages are anchored at.
+    linear: ``V = sum_{i<=k} s_i g_i``.
+    restart: whether this step restarted the averages (§7).
+    count: the 0-based step count ``t`` (for schedules of later stages).
+  """
+
+  grad: Any
+  weight: jax.Array
+  beta: jax.Array
+  alpha: jax.Array
+  centre: Any
+  linear: Any
+  restart: jax.Array
+  count: jax.Array
+
+
+class Subproblem(NamedTuple):
+  r"""The diagonally-scaled proximal subproblem (ALGORITHMS.md §6).
+
+  .. math::
+
+    z = \arg\min_z \langle linear, z - centre\rangle
+        + \tfrac12 \langle z - centre, metric \odot (z - centre)\rangle
+        + scale \cdot strength \cdot \psi(z)
+
+  i.e. the ``metric``-scaled prox of ``y = centre - linear / metric``.
+
+  Attributes:
+    centre: pytree like the params.
+    linear: pytree like the params.
+    metric: pytree like the params; a leaf is either an array of the param's
+      shape (diagonal metric: solved by a solver) or a scalar (a multiple of
+      the identity: closed-form prox).
+    scale: scalar multiplying ``strength * psi``.
+    warm_start: pytree like the params, where an iterative solver starts.
+  """
+
+  centre: Any
+  linear: Any
+  metric: Any
+  scale: jax.Array
+  warm_start: Any
