@@ -1,0 +1,20 @@
+"""Test configuration: 8 simulated CPU devices, hypothesis profile for CI."""
+
+import os
+
+# Must happen before any JAX backend is initialised.
+os.environ.setdefault("XLA_FLAGS", "")
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+try:
+  from hypothesis import HealthCheck, settings
+
+  settings.register_profile(
+      "ci", max_examples=40, deadline=None,
+      suppress_health_check=[HealthCheck.too_slow],
+  )
+  settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # pragma: no cover
+  pass
