@@ -93,7 +93,7 @@ class Trace:
     self.path = pathlib.Path(path)
     d = np.load(self.path, allow_pickle=False)
     self.data = {k: d[k] for k in d.files}
-    g = lambda k: self.data[k][()]  # noqa: E731
+    g = lambda k: self.data[k][()]
     self.optimizer = str(g("optimizer"))
     self.model = str(g("model"))
     self.names = [str(n) for n in self.data["param_names"]]

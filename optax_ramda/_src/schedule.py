@@ -24,6 +24,7 @@ whole run and a checkpoint captures the schedule. With
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import jax
@@ -54,7 +55,7 @@ class StageSchedule:
       raise ValueError(
           f"milestones must be positive integers (epochs), got {self.milestones}."
       )
-    if any(b <= a for a, b in zip(ms, ms[1:])):
+    if any(b <= a for a, b in itertools.pairwise(ms)):
       raise ValueError(
           f"milestones must be strictly increasing, got {self.milestones}. "
           "Sort them and drop duplicates, e.g. (15, 30)."

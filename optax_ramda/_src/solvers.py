@@ -107,7 +107,7 @@ def pg_solve(
   """The paper's PG solver for several leaves in one ``lax.while_loop``."""
   if not problems:
     return []
-  setups, zs, prevs, dones = zip(*(_pg_setup(l, p) for l, p in zip(leaves, problems)))
+  setups, zs, prevs, dones = zip(*(_pg_setup(leaf, p) for leaf, p in zip(leaves, problems)))
   n = len(problems)
   iters = tuple(jnp.zeros([], jnp.int32) for _ in range(n))
   rels = tuple(jnp.zeros([], prev.dtype) for prev in prevs)
@@ -131,7 +131,7 @@ def pg_solve(
       out[2].append(done | stop)
       out[3].append(jnp.where(done, it, i1))
       out[4].append(jnp.where(done, rel, rel_new))
-    return (i1,) + tuple(tuple(o) for o in out)
+    return (i1, *(tuple(o) for o in out))
 
   carry = (jnp.zeros([], jnp.int32), tuple(zs), tuple(prevs), tuple(dones), iters, rels)
   _, zs, _, _, iters, rels = lax.while_loop(cond, body, carry)

@@ -66,7 +66,7 @@ def structure(params: Any, regularizer: GroupLasso) -> StructureReport:
     total_w += leaf.num_groups * leaf.group_size
     zero_g = zero_g + zg
     total_g += leaf.num_groups
-  ratio = lambda a, b: jnp.asarray(a / b if b else 0.0)  # noqa: E731
+  ratio = lambda a, b: jnp.asarray(a / b if b else 0.0)
   return StructureReport(
       weighted_group_sparsity=ratio(zero_w, total_w),
       group_sparsity=ratio(zero_g, total_g),

@@ -4,14 +4,13 @@
 output to look like updates; in between, stages hand each other these
 NamedTuples of pytrees (DESIGN-NOTES "One subproblem, four optimizers"):
 
-============  =====================  =================  ===============
-method        first stage            then               then
-============  =====================  =================  ===============
-RAMDA         dual_averaging  -> DualAverage -> cube_root_metric -> Subproblem -> solve -> z -> interpolate
-RMDA          dual_averaging  -> DualAverage -> sqrt_count_metric -> Subproblem -> solve -> z -> interpolate
-ProxGen       adam_subproblem -> Subproblem -> solve -> z -> interpolate(1)
-ProxSGD       sgd_subproblem  -> Subproblem -> solve -> z -> interpolate(1)
-============  =====================  =================  ===============
+* RAMDA: ``dual_averaging`` -> :class:`DualAverage` -> ``cube_root_metric``
+  -> :class:`Subproblem` -> ``solve_subproblem`` -> ``z`` -> ``interpolate``.
+* RMDA: the same with ``sqrt_count_metric`` (a scalar metric).
+* ProxGen: ``adam_subproblem`` -> :class:`Subproblem` -> ``solve_subproblem``
+  -> ``z`` -> ``interpolate(1)``.
+* ProxSGD: ``sgd_subproblem`` -> :class:`Subproblem` -> ``solve_subproblem``
+  -> ``z`` -> ``interpolate(1)``.
 """
 
 from __future__ import annotations
