@@ -61,28 +61,32 @@ class StageSchedule:
           "Sort them and drop duplicates, e.g. (15, 30)."
       )
     object.__setattr__(self, "milestones", ms)
+    # gamma and steps_per_epoch may be traced (optax.inject_hyperparams turns
+    # every numeric argument into an array); only concrete values are checked.
     validation.check_positive("gamma", self.gamma)
-    spe = self.steps_per_epoch
-    if not isinstance(spe, int) or spe < 1:
-      raise ValueError(f"steps_per_epoch must be an integer >= 1, got {spe}.")
+    spe = validation.concrete_float(self.steps_per_epoch)
+    if spe is not None and (spe < 1 or spe != int(spe)):
+      raise ValueError(
+          f"steps_per_epoch must be an integer >= 1, got {self.steps_per_epoch}."
+      )
 
   # --- all below take the 0-based step count t (int32 array) -------------
 
   def epoch(self, count: jax.Array) -> jax.Array:
-    return count // self.steps_per_epoch if self.steps_per_epoch > 1 else count
+    return count // jnp.asarray(self.steps_per_epoch, count.dtype)
 
   def is_restart(self, count: jax.Array) -> jax.Array:
     """True at the first step and at the first step of every milestone epoch."""
     restart = count == 0
     for m in self.milestones:
-      restart = restart | (count == m * self.steps_per_epoch)
+      restart = restart | (count == m * jnp.asarray(self.steps_per_epoch, count.dtype))
     return restart
 
   def stage_start(self, count: jax.Array) -> jax.Array:
     """The step at which the current stage began."""
     start = jnp.zeros_like(count)
     for m in self.milestones:
-      step = m * self.steps_per_epoch
+      step = m * jnp.asarray(self.steps_per_epoch, count.dtype)
       start = jnp.where(count >= step, step, start)
     return start
 
@@ -90,7 +94,7 @@ class StageSchedule:
     """``value`` multiplied by ``gamma`` once per milestone passed, in sequence."""
     e = self.epoch(count)
     for m in self.milestones:
-      value = jnp.where(e >= m, value * self.gamma, value)
+      value = jnp.where(e >= m, value * jnp.asarray(self.gamma, value.dtype), value)
     return value
 
   def momentum(self, c0: jax.Array, count: jax.Array) -> jax.Array:

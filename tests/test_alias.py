@@ -1,0 +1,259 @@
+"""The four optimizers end to end: MADGRAD equivalence, exact zeros, jit, bad input."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_ramda
+from optax_ramda import GroupSpec
+
+OPTIMIZERS = {
+    "ramda": lambda reg, **kw: optax_ramda.ramda(0.05, 0.05, reg, **kw),
+    "rmda": lambda reg, **kw: optax_ramda.rmda(0.1, 0.05, reg, **kw),
+    "prox_adamw": lambda reg, **kw: optax_ramda.prox_adamw(0.01, 0.05, reg, **kw),
+    "prox_sgd": lambda reg, **kw: optax_ramda.prox_sgd(0.1, 0.05, reg, **kw),
+}
+
+
+def _problem(seed=0, dtype=jnp.float32):
+  key = jax.random.PRNGKey(seed)
+  k1, k2 = jax.random.split(key)
+  params = {
+      "w": jax.random.normal(k1, (6, 5), dtype) * 0.5,
+      "conv": jax.random.normal(k2, (2, 2, 3, 4), dtype) * 0.5,
+      "b": jnp.zeros(5, dtype),
+  }
+  spec = {"w": GroupSpec((1,)), "conv": GroupSpec((0, 1, 3)), "b": None}
+
+  def loss(p, x):
+    h = jnp.tanh(x @ p["w"] + p["b"])
+    return jnp.mean((h - 0.2) ** 2) + 0.1 * jnp.sum(jnp.sin(p["conv"]) ** 2) * jnp.mean(x**2)
+
+  return params, optax_ramda.group_lasso(spec), loss
+
+
+def _run(opt, params, loss, steps, jit=True, seed=1):
+  state = opt.init(params)
+
+  def step(p, s, x):
+    g = jax.grad(loss)(p, x)
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  step = jax.jit(step) if jit else step
+  key = jax.random.PRNGKey(seed)
+  for t in range(steps):
+    x = jax.random.normal(jax.random.fold_in(key, t), (8, params["w"].shape[0]))
+    params, state = step(params, state, x)
+  return params, state
+
+
+def test_ramda_without_regularizer_is_madgrad():
+  """RAMDA without a regularizer is MADGRAD with momentum 1 - c (ALGORITHMS.md §2).
+
+  optax.contrib.madgrad adds eps to its learning rate and rounds its step
+  weight lr*sqrt(k) to float32 (int32 count), so we pass lr - eps and compare in
+  float64 with a bound derived from that rounding: each weight carries a
+  relative error <= 2^-24, z - x0 = -V / P scales like s^(2/3), and x averages
+  the z's, so |x - x_madgrad| <= ~2 * 2^-24 * max|x - x0|; we allow 4 * 2^-24.
+  """
+  with jax.enable_x64(True):
+    params, _, loss = _problem(dtype=jnp.float64)
+    lr, c, eps = 0.01, 0.1, 1e-6
+    ours = optax_ramda.ramda(lr, momentum=c, eps=eps)
+    ref = optax.contrib.madgrad(learning_rate=lr - eps, momentum=1 - c, eps=eps)
+    wrong = optax.contrib.madgrad(learning_rate=lr - eps, momentum=1 - c, eps=10 * eps)
+    p1, _ = _run(ours, params, loss, 100)
+    p2, _ = _run(ref, params, loss, 100)
+    p3, _ = _run(wrong, params, loss, 100)
+    diff = lambda a, b: max(
+        float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+    move = diff(p1, params)
+    bound = 4 * 2.0**-24 * move
+    assert diff(p1, p2) <= bound, (diff(p1, p2), bound)
+    assert diff(p1, p3) > 10 * bound  # the comparison detects a wrong eps
+
+
+@pytest.mark.parametrize("name", ["ramda", "rmda"])
+def test_zero_groups_exact_in_z_and_params_with_c1(name):
+  params, reg, loss = _problem()
+  make = {"ramda": optax_ramda.ramda, "rmda": optax_ramda.rmda}[name]
+  opt = make(0.05, 0.3, reg, momentum=1.0)
+  p, _ = _run(opt, params, loss, 30)
+  report = optax_ramda.structure(p, reg)
+  assert float(report.group_sparsity) > 0, "the strength should zero some groups"
+  # Every group that is zero is exactly zero, and zero groups stay in the params.
+  for key, axes in (("w", (1,)), ("conv", (0, 1, 3))):
+    norms = jnp.sqrt(jnp.sum(p[key] ** 2, axis=axes))
+    zero = norms == 0
+    assert bool(jnp.all(jnp.where(zero, jnp.all(p[key] == 0, axis=axes), True)))
+
+
+@pytest.mark.parametrize("metric", ["cube_root", "sqrt_count"])
+def test_z_has_exact_zeros_while_x_does_not_with_small_c(metric):
+  """With c < 1 zero groups appear in z (the solve stage's output), not in x (§2)."""
+  params, reg, loss = _problem()
+  stages = [
+      optax_ramda.dual_averaging(0.05),
+      optax_ramda.cube_root_metric(1e-6) if metric == "cube_root"
+      else optax_ramda.sqrt_count_metric(),
+      optax_ramda.solve_subproblem(reg, 0.3),
+      optax_ramda.interpolate(0.1),
+  ]
+  states = [s.init(params) for s in stages]
+  for t in range(40):
+    v = jax.grad(loss)(params, jax.random.normal(jax.random.PRNGKey(t), (8, 6)))
+    for i, stage in enumerate(stages):
+      if i == 3:
+        z = v
+      v, states[i] = stage.update(v, states[i], params)
+    params = optax.apply_updates(params, v)
+  zero_in = lambda tree: [
+      bool(jnp.any(jnp.all(tree[k] == 0, axis=ax))) for k, ax in (("w", 1), ("conv", (0, 1, 3)))
+  ]
+  assert any(zero_in(z))
+  assert not any(zero_in(params))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_jit_and_eager_agree(name):
+  """Same trajectory with and without jit, in float64.
+
+  (In float32 the paper's rtol = 1e-8 stopping test acts on round-off, so jit
+  and eager may stop the PG solver at different iterations; float64 keeps the
+  comparison about the arithmetic. XLA may fuse and reassociate differently
+  under jit, hence 1e-12 rather than equality.)
+  """
+  with jax.enable_x64(True):
+    params, reg, loss = _problem(dtype=jnp.float64)
+    opt = OPTIMIZERS[name](reg, milestones=(2, 4))
+    p_jit, _ = _run(opt, params, loss, 6, jit=True)
+    p_eager, _ = _run(opt, params, loss, 6, jit=False)
+    chex.assert_trees_all_close(p_jit, p_eager, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_update_compiles_once(name):
+  params, reg, loss = _problem()
+  opt = OPTIMIZERS[name](reg, milestones=(2, 4)) if name != "prox_adamw" else OPTIMIZERS[name](reg)
+  traces = []
+
+  @jax.jit
+  def step(p, s, g):
+    traces.append(1)
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  state = opt.init(params)
+  for t in range(6):
+    g = jax.grad(loss)(params, jax.random.normal(jax.random.PRNGKey(t), (8, 6)))
+    params, state = step(params, state, g)
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_update_without_params_raises(name):
+  params, reg, _ = _problem()
+  opt = OPTIMIZERS[name](reg)
+  state = opt.init(params)
+  with pytest.raises(ValueError, match="params"):
+    opt.update(params, state)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda reg: optax_ramda.ramda(-0.1, 0.1, reg), "learning_rate"),
+        (lambda reg: optax_ramda.ramda(0.0, 0.1, reg), "learning_rate"),
+        (lambda reg: optax_ramda.rmda(0.0, 0.1, reg), "learning_rate"),
+        (lambda reg: optax_ramda.prox_adamw(-1.0, 0.1, reg), "learning_rate"),
+        (lambda reg: optax_ramda.prox_sgd(-1.0, 0.1, reg), "learning_rate"),
+        (lambda reg: optax_ramda.ramda(0.1, -0.1, reg), "strength"),
+        (lambda reg: optax_ramda.prox_sgd(0.1, -0.1, reg), "strength"),
+        (lambda reg: optax_ramda.ramda(0.1, 0.1, reg, eps=-1e-6), "eps"),
+        (lambda reg: optax_ramda.prox_adamw(0.1, 0.1, reg, eps=-1e-8), "eps"),
+        (lambda reg: optax_ramda.ramda(0.1, 0.1, reg, momentum=0.0), "momentum"),
+        (lambda reg: optax_ramda.ramda(0.1, 0.1, reg, momentum=1.5), "momentum"),
+        (lambda reg: optax_ramda.rmda(0.1, 0.1, reg, momentum=-0.1), "momentum"),
+        (lambda reg: optax_ramda.prox_sgd(0.1, 0.1, reg, momentum=2.0), "momentum"),
+        (lambda reg: optax_ramda.ramda(0.1, 0.1, reg, milestones=(30, 15)), "strictly increasing"),
+        (lambda reg: optax_ramda.rmda(0.1, 0.1, reg, milestones=(15, 15)), "strictly increasing"),
+        (lambda reg: optax_ramda.prox_sgd(0.1, 0.1, reg, milestones=(0, 5)), "positive"),
+        (lambda reg: optax_ramda.ramda(0.1, 0.1, reg, max_iters=0), "max_iters"),
+        (lambda reg: optax_ramda.ramda(0.1, 0.1, reg, rtol=-1.0), "rtol"),
+        (lambda reg: optax_ramda.ramda(0.1, 0.1, None), "without a regularizer"),
+        (lambda reg: optax_ramda.prox_adamw(0.1, 0.1, reg, b1=1.0), "b1"),
+    ],
+)
+def test_bad_hyperparameters_raise_at_construction(make, match):
+  _, reg, _ = _problem()
+  with pytest.raises(ValueError, match=match):
+    make(reg)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_bad_group_spec_raises_at_init(name):
+  params, _, _ = _problem()
+  # Axis out of range.
+  bad_axis = optax_ramda.group_lasso({"w": GroupSpec((2,)), "conv": None, "b": None})
+  with pytest.raises(ValueError, match="out of range"):
+    OPTIMIZERS[name](bad_axis).init(params)
+  # Tree does not match the params.
+  bad_tree = optax_ramda.group_lasso({"w": GroupSpec((1,)), "b": None})
+  with pytest.raises(ValueError, match="does not match"):
+    OPTIMIZERS[name](bad_tree).init(params)
+  # A regularized integer leaf.
+  int_params = {**params, "b": jnp.zeros(5, jnp.int32)}
+  int_reg = optax_ramda.group_lasso({"w": None, "conv": None, "b": GroupSpec(())})
+  with pytest.raises(TypeError, match="int32"):
+    OPTIMIZERS[name](int_reg).init(int_params)
+
+
+def test_inject_hyperparams_changes_nothing_with_constants():
+  """Same trajectory wrapped in inject_hyperparams (float64: see jit test)."""
+  with jax.enable_x64(True):
+    params, reg, loss = _problem(dtype=jnp.float64)
+    kw = dict(learning_rate=0.05, strength=0.05, regularizer=reg, momentum=0.2, milestones=(3,))
+    p1, _ = _run(optax_ramda.ramda(**kw), params, loss, 6)
+    p2, _ = _run(optax.inject_hyperparams(optax_ramda.ramda)(**kw), params, loss, 6)
+    chex.assert_trees_all_close(p1, p2, atol=1e-12, rtol=0)
+
+
+def test_hyperparameters_in_state_are_schedulable():
+  params, reg, loss = _problem()
+  opt = optax.inject_hyperparams(optax_ramda.ramda)(
+      learning_rate=optax.linear_schedule(0.05, 0.01, 10), strength=0.05, regularizer=reg
+  )
+  _, state = _run(opt, params, loss, 3)
+  assert float(state.hyperparams["learning_rate"]) < 0.05
+  assert set(state.hyperparams) >= {"learning_rate", "strength", "momentum", "eps", "rtol"}
+
+
+def test_alpha_compensated_sum_does_not_drift():
+  """alpha grows like (2/3) lr k^1.5; a naive float32 sum drifts (DESIGN-NOTES).
+
+  Over 1e5 float32 steps the Kahan-compensated alpha of dual_averaging stays
+  within a few float32 ulps of the float64 sum of the same float32 weights.
+  """
+  opt = optax_ramda.dual_averaging(0.1)
+  params = jnp.zeros(1)
+  state = opt.init(params)
+  g = jnp.zeros(1)
+
+  def body(state, _):
+    out, state = opt.update(g, state, params)
+    return state, out.weight
+
+  state, weights = jax.lax.scan(body, state, None, length=100_000)
+  exact = np.sum(np.asarray(weights, np.float64))
+  rel = abs(float(state.alpha) - exact) / exact
+  assert rel <= 2 * 2.0**-24, rel
+  # The uncompensated float32 running sum of the same weights drifts further.
+  naive = np.float32(0)
+  for w in np.asarray(weights):
+    naive = np.float32(naive + w)
+  assert abs(float(naive) - exact) / exact > 10 * rel
