@@ -1,0 +1,56 @@
+"""Group specs resolved against params (ALGORITHMS.md §1, §9)."""
+
+import jax.numpy as jnp
+import optax
+import pytest
+
+from optax_ramda import GroupLeaf, GroupSpec
+from optax_ramda._src import groups
+
+
+def test_resolve_tree_callable_and_single_spec():
+  params = {"k": jnp.zeros((3, 4)), "b": jnp.zeros(4)}
+  tree = groups.resolve({"k": GroupSpec((1,)), "b": None}, params)
+  assert tree["k"] == GroupLeaf((1,), 2.0, 4, 3) and tree["b"] is groups.UNREGULARIZED
+  fn = groups.resolve(lambda p: {"k": GroupSpec((-1,)), "b": None}, params)
+  assert fn == tree
+  single = groups.resolve(GroupSpec(()), params)
+  assert single["b"] == GroupLeaf((), 1.0, 1, 4)
+
+
+def test_conv_channel_groups():
+  leaf = groups.resolve(GroupSpec((0, 1, 3)), jnp.zeros((3, 3, 5, 8)))
+  assert leaf.group_size == 72 and leaf.num_groups == 5
+
+
+def test_masked_nodes_pass_through():
+  params = {"k": jnp.zeros((3, 4)), "b": optax.MaskedNode()}
+  tree = groups.resolve({"k": GroupSpec((1,)), "b": None}, params)
+  assert isinstance(tree["b"], optax.MaskedNode)
+
+
+@pytest.mark.parametrize(
+    "spec, params, err, match",
+    [
+        ({"k": GroupSpec((2,))}, {"k": jnp.zeros((3, 4))}, ValueError, "out of range"),
+        ({"k": GroupSpec((0, -2))}, {"k": jnp.zeros((3, 4))}, ValueError, "repeated"),
+        ({"k": GroupSpec((1,))}, {"k": jnp.zeros((3, 4)), "b": jnp.zeros(4)}, ValueError,
+         "does not match"),
+        ({"k": GroupSpec(())}, {"k": jnp.zeros(3, jnp.int32)}, TypeError, "floating-point"),
+        ({"k": (1,)}, {"k": jnp.zeros((3, 4))}, ValueError, "does not match"),
+    ],
+)
+def test_bad_specs(spec, params, err, match):
+  with pytest.raises(err, match=match):
+    groups.resolve(spec, params)
+
+
+def test_error_names_the_parameter_path():
+  with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\]"):
+    groups.resolve({"dense": {"kernel": GroupSpec((5,))}}, {"dense": {"kernel": jnp.zeros((2, 3))}})
+
+
+def test_shrink_zero_threshold_and_zero_group_is_finite():
+  leaf = GroupLeaf((1,), 2.0, 4, 2)
+  z, r = leaf.shrink(jnp.zeros((2, 4)), jnp.asarray(0.0))
+  assert bool(jnp.all(jnp.isfinite(z))) and bool(jnp.all(z == 0))

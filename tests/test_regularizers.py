@@ -1,0 +1,53 @@
+"""Regularizers: value and identity-metric prox (ALGORITHMS.md §1)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import optax_ramda
+from optax_ramda import GroupSpec
+
+
+def test_group_lasso_value():
+  x = np.arange(12.0).reshape(3, 4) - 5
+  reg = optax_ramda.group_lasso({"w": GroupSpec((1,)), "b": None})
+  expected = np.sqrt(4) * np.linalg.norm(x, axis=1).sum()
+  np.testing.assert_allclose(reg.value({"w": jnp.asarray(x), "b": jnp.ones(3)}), expected, rtol=1e-6)
+
+
+def test_group_lasso_prox_is_block_soft_threshold():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(5, 3))
+  reg = optax_ramda.group_lasso(GroupSpec((0,)))
+  thr = 0.8
+  out = np.asarray(reg.prox(jnp.asarray(x), thr))
+  n = np.linalg.norm(x, axis=0)
+  expected = x * np.maximum(1 - thr * np.sqrt(5) / n, 0)
+  np.testing.assert_allclose(out, expected, atol=1e-6)
+  assert np.any(np.all(out == 0, axis=0))
+
+
+def test_prox_threshold_zero_is_identity():
+  reg = optax_ramda.group_lasso(GroupSpec((0,)))
+  x = jnp.zeros((3, 2)).at[:, 1].set(1.0)
+  np.testing.assert_array_equal(reg.prox(x, 0.0), x)
+
+
+def test_l1_value_and_prox():
+  x = jnp.asarray([-2.0, 0.5, 0.0, 3.0])
+  reg = optax_ramda.l1()
+  assert float(reg.value(x)) == 5.5
+  np.testing.assert_allclose(reg.prox(x, 1.0), [-1.0, 0.0, 0.0, 2.0])
+
+
+def test_l1_mask_tree_and_callable():
+  params = {"w": jnp.asarray([1.0, -2.0]), "b": jnp.asarray([3.0])}
+  by_tree = optax_ramda.l1({"w": True, "b": False})
+  by_fn = optax_ramda.l1(lambda p: jax.tree.map(lambda x: x.size > 1, p))
+  assert float(by_tree.value(params)) == 3.0 == float(by_fn.value(params))
+  np.testing.assert_allclose(by_tree.prox(params, 1.5)["b"], [3.0])
+
+
+def test_regularizer_is_not_callable():
+  # optax.inject_hyperparams treats callables as schedules.
+  assert not callable(optax_ramda.group_lasso(GroupSpec(())))

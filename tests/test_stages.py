@@ -1,0 +1,141 @@
+"""Each stage on its own, against the spec's formulas evaluated in numpy (float64)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_ramda
+from optax_ramda import StageSchedule
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _grads(n, shape=(3, 4), seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.normal(size=shape) for _ in range(n)]
+
+
+def test_dual_averaging_weights_and_restart():
+  """s = lr sqrt(k), alpha = sum s, V = sum s g; restart at milestones (§2, §7)."""
+  lr, gamma = 0.3, 0.5
+  sched = StageSchedule((3,), gamma)
+  opt = optax_ramda.dual_averaging(lr, sched)
+  x = np.ones((3, 4))
+  state = opt.init(jnp.asarray(x))
+  gs = _grads(5)
+  V, alpha, k, lr_t, x0 = np.zeros_like(x), 0.0, 0, lr, x.copy()
+  for t, g in enumerate(gs):
+    params = x + t  # the params move; x0 must follow at the restart
+    if t == 3:
+      V, alpha, k, lr_t, x0 = np.zeros_like(x), 0.0, 0, lr_t * gamma, params.copy()
+    k += 1
+    s = lr_t * np.sqrt(k)
+    alpha += s
+    V = V + s * g
+    out, state = opt.update(jnp.asarray(g), state, jnp.asarray(params))
+    np.testing.assert_allclose(out.weight, s, rtol=1e-15)
+    np.testing.assert_allclose(out.alpha, alpha, rtol=1e-15)
+    np.testing.assert_allclose(out.beta, np.sqrt(k), rtol=1e-15)
+    np.testing.assert_allclose(out.linear, V, rtol=1e-14)
+    np.testing.assert_array_equal(out.centre, x0)
+    assert bool(out.restart) == (t in (0, 3))
+
+
+def test_cube_root_metric():
+  """U = sum s g^2 (reset at restart), P = cbrt(U) + eps, eps decays (§2, §7)."""
+  eps, gamma = 1e-3, 0.1
+  sched = StageSchedule((2,), gamma)
+  chain = [optax_ramda.dual_averaging(0.2, sched), optax_ramda.cube_root_metric(eps, sched)]
+  x = jnp.zeros((3, 4))
+  states = [s.init(x) for s in chain]
+  U, k = np.zeros((3, 4)), 0
+  for t, g in enumerate(_grads(4)):
+    lr = 0.2 * (gamma if t >= 2 else 1)
+    if t == 2:
+      U, k = np.zeros((3, 4)), 0
+    k += 1
+    U = U + lr * np.sqrt(k) * g * g
+    da, states[0] = chain[0].update(jnp.asarray(g), states[0], x)
+    sub, states[1] = chain[1].update(da, states[1], x)
+    np.testing.assert_allclose(sub.metric, np.cbrt(U) + eps * (gamma if t >= 2 else 1), rtol=1e-14)
+    assert isinstance(sub, optax_ramda.Subproblem)
+    np.testing.assert_allclose(sub.scale, da.alpha)
+
+
+def test_sqrt_count_metric_is_scalar_beta():
+  da_opt, metric = optax_ramda.dual_averaging(0.1), optax_ramda.sqrt_count_metric()
+  x = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+  s0, s1 = da_opt.init(x), metric.init(x)
+  for _ in range(3):
+    da, s0 = da_opt.update(x, s0, x)
+    sub, s1 = metric.update(da, s1, x)
+  assert all(jnp.ndim(m) == 0 for m in jax.tree.leaves(sub.metric))
+  np.testing.assert_allclose(sub.metric["a"], np.sqrt(3.0))
+
+
+def test_adam_subproblem():
+  """ProxGen's centre, linear term and metric (§4), with weight decay and decay of lr."""
+  lr, b1, b2, eps, wd, gamma = 0.01, 0.8, 0.9, 1e-4, 0.1, 0.5
+  opt = optax_ramda.adam_subproblem(lr, b1, b2, eps, wd, StageSchedule((2,), gamma))
+  x = np.full((3, 4), 2.0)
+  state = opt.init(jnp.asarray(x))
+  m = v = np.zeros_like(x)
+  for t, g in enumerate(_grads(3)):
+    k = t + 1
+    lr_t = lr * (gamma if t >= 2 else 1)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    sub, state = opt.update(jnp.asarray(g), state, jnp.asarray(x))
+    np.testing.assert_allclose(sub.centre, x * (1 - lr_t * wd), rtol=1e-15)
+    np.testing.assert_allclose(sub.linear, lr_t / (1 - b1**k) * m, rtol=1e-14)
+    np.testing.assert_allclose(sub.metric, np.sqrt(v) / np.sqrt(1 - b2**k) + eps, rtol=1e-14)
+    np.testing.assert_allclose(sub.scale, lr_t, rtol=1e-15)
+    np.testing.assert_array_equal(sub.warm_start, sub.centre)
+
+
+def test_sgd_subproblem():
+  """buf = c g at step 1 then EMA; linear = lr buf with a unit scalar metric (§5)."""
+  lr, c = 0.1, 0.25
+  opt = optax_ramda.sgd_subproblem(lr, c)
+  x = jnp.ones((2, 3))
+  state = opt.init(x)
+  buf = np.zeros((2, 3))
+  for t, g in enumerate(_grads(3, (2, 3))):
+    buf = c * g if t == 0 else (1 - c) * buf + c * g
+    sub, state = opt.update(jnp.asarray(g), state, x)
+    np.testing.assert_allclose(sub.linear, lr * buf, rtol=1e-15)
+    assert jnp.ndim(sub.metric) == 0 and float(sub.metric) == 1.0
+
+
+def test_interpolate_and_ramp():
+  """x <- (1-c) x + c z with the ramp min(c0 sqrt(j+1), 1) in the last stage (§7)."""
+  c0 = 0.3
+  opt = optax_ramda.interpolate(c0, StageSchedule((2, 4)))
+  x = jnp.full(3, 1.0)
+  z = jnp.full(3, 0.0)
+  state = opt.init(x)
+  # last milestone 4: step t = 4 is the first of the last stage (j = 1).
+  expected_c = [c0] * 4 + [min(c0 * np.sqrt(j + 1), 1.0) for j in range(1, 14)]
+  assert expected_c[-1] == 1.0
+  for c in expected_c:
+    u, state = opt.update(z, state, x)
+    np.testing.assert_allclose(x + u, (1 - c) * x, rtol=1e-15)
+  # c == 1: exactly z; zero groups land as exact zeros after apply_updates.
+  opt1 = optax_ramda.interpolate(1.0)
+  xx = jnp.asarray([0.1, -3.7, 1e-30])
+  zz = jnp.asarray([0.0, 2.5, 0.0])
+  u, _ = opt1.update(zz, opt1.init(xx), xx)
+  new = xx + u
+  assert new[0] == 0 and new[2] == 0
+
+
+def test_interpolate_keeps_param_dtype():
+  opt = optax_ramda.interpolate(0.5)
+  x = jnp.ones(4, jnp.bfloat16)
+  u, _ = opt.update(jnp.zeros(4, jnp.float32), opt.init(x), x)
+  assert u.dtype == jnp.bfloat16
