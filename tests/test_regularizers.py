@@ -12,7 +12,8 @@ def test_group_lasso_value():
   x = np.arange(12.0).reshape(3, 4) - 5
   reg = optax_ramda.group_lasso({"w": GroupSpec((1,)), "b": None})
   expected = np.sqrt(4) * np.linalg.norm(x, axis=1).sum()
-  np.testing.assert_allclose(reg.value({"w": jnp.asarray(x), "b": jnp.ones(3)}), expected, rtol=1e-6)
+  value = reg.value({"w": jnp.asarray(x), "b": jnp.ones(3)})
+  np.testing.assert_allclose(value, expected, rtol=1e-6)
 
 
 def test_group_lasso_prox_is_block_soft_threshold():

@@ -45,7 +45,8 @@ def test_steps_per_epoch():
   assert [t for t in range(40) if bool(sched.is_restart(jnp.asarray(t)))] == [0, 20]
   # the ramp moves once per epoch of the last stage
   cs = [float(sched.momentum(jnp.asarray(0.1), jnp.asarray(t))) for t in (19, 20, 29, 30)]
-  np.testing.assert_allclose(cs, [0.1, 0.1 * np.sqrt(2), 0.1 * np.sqrt(2), 0.1 * np.sqrt(3)], rtol=1e-6)
+  expected = [0.1, 0.1 * np.sqrt(2), 0.1 * np.sqrt(2), 0.1 * np.sqrt(3)]
+  np.testing.assert_allclose(cs, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
