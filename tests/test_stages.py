@@ -1,9 +1,11 @@
 """Each stage on its own, against the spec's formulas evaluated in numpy (float64)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 import optax_ramda
 from optax_ramda import StageSchedule
@@ -139,3 +141,22 @@ def test_interpolate_keeps_param_dtype():
   x = jnp.ones(4, jnp.bfloat16)
   u, _ = opt.update(jnp.zeros(4, jnp.float32), opt.init(x), x)
   assert u.dtype == jnp.bfloat16
+
+
+class RamdaVariantsTest(chex.TestCase):
+  """chex variants: outputs have the params' shapes; state dtypes follow the params."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(jnp.float32, jnp.bfloat16)
+  def test_shapes_and_dtypes(self, dtype):
+    reg = optax_ramda.group_lasso(optax_ramda.GroupSpec((1,)))
+    params = {"w": jnp.ones((3, 4), dtype), "v": jnp.ones((2, 5), dtype)}
+    opt = optax_ramda.ramda(0.1, 0.01, reg)
+    state = opt.init(params)
+    updates, new_state = self.variant(opt.update)(params, state, params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+    da = new_state[0]
+    chex.assert_trees_all_equal_shapes_and_dtypes(da.centre, params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(da.sum_grad, params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_state[1].sum_sq_grad, params)
+    chex.assert_tree_all_finite(updates)
