@@ -60,7 +60,8 @@ def bench(solver, params, grads, reps):
 
 def grads_seq(grads, n):
   for i in range(n):
-    yield jax.tree.map(lambda g: g * (1 + 0.1 * i), grads)
+    scale = 1 + 0.1 * i
+    yield jax.tree.map(lambda g, scale=scale: g * scale, grads)
 
 
 def main():
@@ -71,7 +72,8 @@ def main():
   args = ap.parse_args()
   params = make_params(args.leaves, args.width)
   grads = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape) * 0.01, params)
-  print(f"{args.leaves} regularized leaves, {sum(x.size for x in jax.tree.leaves(params)):,} params")
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  print(f"{args.leaves} regularized leaves, {n_params:,} params")
   print("| solver | compile (s) | update median (ms) | mean PG iterations |")
   print("|---|---|---|---|")
   for solver in ("pg", "pg_per_leaf"):

@@ -197,3 +197,57 @@ def prox_sgd(
       solve_subproblem(regularizer, strength),
       interpolate(1.0),
   )
+
+
+def prox_ssi(
+    learning_rate: base.ScalarOrSchedule,
+    strength: Any = 0.0,
+    regularizer: GroupLasso | None = None,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    steps_per_epoch: int = 1,
+    accumulator_dtype: Any | None = None,
+) -> base.GradientTransformation:
+  r"""ProxSSI: an Adam step then the group prox scaled by Adam's denominator.
+
+  The ProxGen subproblem (ALGORITHMS.md §4) solved exactly (§6, "Exact
+  solution", ``solver="exact"``)::
+
+    m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g * g
+    D = sqrt(v) / sqrt(1 - b2^k) + eps ;  a = lr / (1 - b1^k)
+    x <- argmin_z <a m, z - x> + 1/2 <z - x, D (z - x)> + lr * strength * psi(z)
+
+  i.e. ``y = x - a m / D`` (the Adam step) followed by the ``D``-scaled prox
+  of ``lr * strength * psi`` at ``y``. Bias correction and eps placement are
+  those of ``torch.optim.Adam`` (eps added after the bias-corrected square
+  root), as in :func:`prox_adamw`; the only differences from
+  ``prox_adamw(..., solver="exact")`` are that there is no weight decay and no
+  solver settings. (Deleu & Bengio solve the scaled prox by a Newton-type
+  root search per group; our exact solver is screening + Newton on the
+  secular equation, which reaches the same minimiser.)
+
+  Example::
+
+    opt = optax_ramda.prox_ssi(learning_rate=1e-3, strength=1e-4, regularizer=reg)
+
+  References:
+    T. Deleu, Y. Bengio, *Structured Sparsity Inducing Adaptive Optimizers for
+    Deep Learning*, arXiv:2102.03869, 2021.
+  """
+  return prox_adamw(
+      learning_rate,
+      strength,
+      regularizer,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      weight_decay=0.0,
+      milestones=milestones,
+      gamma=gamma,
+      steps_per_epoch=steps_per_epoch,
+      solver="exact",
+      accumulator_dtype=accumulator_dtype,
+  )

@@ -70,7 +70,9 @@ def dual_averaging(
 
   def init_fn(params):
     dt = scalar_dtype()
-    cast = (lambda x: jnp.asarray(x, acc)) if acc else (lambda x: jnp.asarray(x))
+    # A copy, never the params' own buffer: a step that donates both the params
+    # and the state must not be handed the same buffer twice.
+    cast = lambda x: jnp.array(x, dtype=acc, copy=True)
     return DualAveragingState(
         count=jnp.zeros([], jnp.int32),
         alpha=jnp.zeros([], dt),

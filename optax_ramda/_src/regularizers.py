@@ -27,7 +27,53 @@ from optax_ramda._src.groups import UNREGULARIZED, GroupLeaf, GroupSpec, SpecLik
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class GroupLasso:
+class Regularizer:
+  """Base of the structure-inducing regularizers: a spec tree resolved per leaf.
+
+  A subclass says how one spec leaf becomes a static per-leaf object
+  (:meth:`make_leaf`); the solvers dispatch on that object's type
+  (:class:`GroupLeaf`: group LASSO; ``nuclear.NuclearLeaf``: nuclear norm), so
+  one regularizer tree can mix kinds. Non-group leaf kinds implement
+  ``psi(x)`` (their value) and ``prox(y, threshold)`` (identity-metric prox).
+  """
+
+  groups: SpecLike
+
+  def make_leaf(self, spec: Any, leaf: Any, path: str) -> Any:
+    """The static per-leaf object of one spec leaf (default: group LASSO)."""
+    return groups_lib._default_make_leaf(spec, leaf, path)
+
+  def leaves(self, params: Any) -> Any:
+    """Resolves the spec against ``params`` (static; see ``groups.resolve``)."""
+    return groups_lib.resolve(self.groups, params, self.make_leaf)
+
+  def value(self, params: Any) -> jax.Array:
+    """``psi(params)``, summed over all regularized leaves (no lambda)."""
+    leaves = self.leaves(params)
+    terms = [
+        leaf_value(leaf, x)
+        for leaf, x in zip(jax.tree.leaves(leaves), jax.tree.leaves(params))
+        if isinstance(leaf, GroupLeaf) or hasattr(leaf, "psi")
+    ]
+    return sum(terms, jnp.zeros([], jnp.result_type(float)))
+
+  def prox(self, params: Any, threshold: jax.Array | float) -> Any:
+    r"""Closed-form ``prox_{threshold * psi}`` under the identity metric.
+
+    ``argmin_z 1/2 ||z - y||^2 + threshold * psi(z)``: each group is shrunk
+    by ``threshold * sqrt(|g|)`` (block soft-thresholding), each nuclear-norm
+    leaf has its singular values shrunk by ``threshold``; unregularized
+    leaves are returned unchanged.
+    """
+    return jax.tree.map(
+        lambda leaf, y: shrink_leaf(leaf, y, threshold),
+        self.leaves(params),
+        params,
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GroupLasso(Regularizer):
   r"""The group LASSO ``psi(x) = sum_g sqrt(|g|) ||x_g||_2`` (ALGORITHMS.md §1).
 
   The optimizer multiplies it by ``strength`` (lambda).
@@ -45,38 +91,20 @@ class GroupLasso:
 
   groups: SpecLike
 
-  def leaves(self, params: Any) -> Any:
-    """Resolves the spec against ``params`` (static; see ``groups.resolve``)."""
-    return groups_lib.resolve(self.groups, params)
 
-  def value(self, params: Any) -> jax.Array:
-    """``psi(params)``, summed over all regularized leaves (no lambda)."""
-    leaves = self.leaves(params)
-    terms = [
-        leaf.weight * jnp.sum(leaf.norm(x))
-        for leaf, x in zip(jax.tree.leaves(leaves), jax.tree.leaves(params))
-        if isinstance(leaf, GroupLeaf)
-    ]
-    return sum(terms, jnp.zeros([], jnp.result_type(float)))
-
-  def prox(self, params: Any, threshold: jax.Array | float) -> Any:
-    r"""Closed-form ``prox_{threshold * psi}`` under the identity metric.
-
-    ``argmin_z 1/2 ||z - y||^2 + threshold * psi(z)``: each group is shrunk
-    by ``threshold * sqrt(|g|)`` (block soft-thresholding); unregularized
-    leaves are returned unchanged.
-    """
-    return jax.tree.map(
-        lambda leaf, y: shrink_leaf(leaf, y, threshold),
-        self.leaves(params),
-        params,
-    )
+def leaf_value(leaf: Any, x: jax.Array) -> jax.Array:
+  """``psi`` of one leaf without lambda (0 for an unregularized leaf)."""
+  if isinstance(leaf, GroupLeaf):
+    return leaf.weight * jnp.sum(leaf.norm(x))
+  if hasattr(leaf, "psi"):
+    return leaf.psi(x)
+  return jnp.zeros([], jnp.result_type(float))
 
 
 def shrink_leaf(leaf: Any, y: jax.Array, threshold: jax.Array | float) -> jax.Array:
   """Identity-metric prox of one leaf with scale ``threshold`` (no-op if 0)."""
   if not isinstance(leaf, GroupLeaf):
-    return y
+    return leaf.prox(y, threshold) if hasattr(leaf, "prox") else y
   t = jnp.asarray(threshold * leaf.weight, y.dtype)
   z, _ = leaf.shrink(y, t)
   # threshold 0 is "no regularizer": y itself, never pushed through the prox.
@@ -106,6 +134,12 @@ def l1(mask: Any = True) -> GroupLasso:
   return GroupLasso(to_spec(mask))
 
 
-Regularizer = GroupLasso
-
-__all__ = ["UNREGULARIZED", "GroupLasso", "Regularizer", "group_lasso", "l1", "shrink_leaf"]
+__all__ = [
+    "UNREGULARIZED",
+    "GroupLasso",
+    "Regularizer",
+    "group_lasso",
+    "l1",
+    "leaf_value",
+    "shrink_leaf",
+]

@@ -1,0 +1,445 @@
+"""Compaction: cut the zero groups out of a trained Flax NNX model.
+
+RAMDA/RMDA/ProxGen leave whole groups of weights exactly zero (ALGORITHMS.md §8,
+§9). This module turns those zeros into a *physically smaller* dense model that
+computes the same function: fewer neurons, channels and attention heads.
+
+Accepted structure (anything else is refused with a ``ValueError`` naming the layer):
+
+* a **chain** of layers applied in order: an ``nnx.Sequential`` (nested ones are
+  flattened), a list/tuple/``nnx.List`` of layers, or a module whose ``layers``
+  attribute is one of those; or a single ``nnx.MultiHeadAttention``;
+* parametrized layers ``nnx.Linear`` and ``nnx.Conv`` (``feature_group_count=1``),
+  whose boundaries are compacted; ``nnx.BatchNorm`` (over the last axis) and
+  ``nnx.Dropout`` between them, sliced along with the channels;
+* ``nnx.LayerNorm``/``RMSNorm``/``GroupNorm``: kept as they are; they mix the
+  channels of their input, so no channel is removed across them;
+* ``nnx.MultiHeadAttention`` (self-attention, ``num_kv_heads == num_heads``, not
+  decoding): dead heads are removed; its input and output widths are kept;
+* plain callables (activations, pooling, flatten, reshapes): probed. Between two
+  parametrized layers ``P -> fns -> Q`` the callables and BatchNorms form a
+  segment ``g``; the Jacobian sparsity of ``g`` at four random points (forward
+  mode, one tangent per channel of ``P``) tells which channel of ``P`` every
+  input feature of ``Q`` comes from. If some feature depends on several channels
+  (or none), the boundary is left as it is.
+
+Rules at a boundary ``P -> g -> Q`` (channel ``c`` of ``P``, its features ``F_c``
+in the input of ``Q``; ALGORITHMS.md §9 layouts: Linear ``(in, out)``, Conv
+``(*window, in, out)``):
+
+* **input-wise zero**: every input slice of ``Q`` in ``F_c`` is all zero (kernel
+  rows / input-channel slices). Channel ``c`` is removed from ``P`` (kernel
+  column/filter and bias), from every BatchNorm in ``g``, and ``F_c`` from ``Q``.
+* **output-wise zero**: ``P``'s kernel column/filter ``c`` is all zero, so its
+  output is the constant ``bias[c]`` and ``g`` maps it to constants ``v_d``,
+  ``d in F_c`` (computed by running ``g``: BatchNorm, activation, pooling
+  included). The channel is removed and ``sum_d v_d * Q.kernel[d]`` is added to
+  ``Q.bias`` (accumulated in float64). For a Conv ``Q`` this is exact only with
+  ``padding='VALID'`` and spatially uniform ``v`` (zero padding otherwise makes
+  the contribution position dependent), so with other padding the channel is
+  kept unless every ``v_d == 0``. A ``Q`` without bias keeps it likewise.
+* Removing rows of ``Q`` may make a column of ``P`` zero, and so on: the passes
+  repeat until nothing changes, which makes :func:`compact` idempotent.
+
+Attention heads (kernels ``(in, heads, head_dim)`` for query/key/value and
+``(heads, head_dim, out)`` for out): head ``h`` is removed when ``out.kernel[h]``
+is zero (it contributes nothing whatever q/k/v are), or when ``value.kernel[:, h]``
+is zero (then the head outputs ``sum_k att_k value.bias[h] = value.bias[h]``, and
+``value.bias[h] @ out.kernel[h]`` is folded into ``out.bias``; only with the
+default softmax attention, whose weights sum to one). One head is always kept.
+
+Equality: removing zero rows changes contraction lengths, so float32 results
+differ from the original by reassociation (a few ulps of ``sum |x||w|``);
+removing only output columns leaves each remaining dot product as it was. A
+model with no zero groups is returned with identical shapes and parameters.
+
+Example::
+
+  model.eval()
+  small = optax_ramda.compact(model, x_val[:8])
+  assert jnp.allclose(small(x_val), model(x_val), rtol=1e-5, atol=1e-5)
+
+Works on inference models: BatchNorm must use running averages and Dropout be
+deterministic (``model.eval()``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_BARRIERS = (nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)
+
+
+class CompactionBoundary(NamedTuple):
+  """What :func:`compaction_plan` found at one boundary ``producer -> consumer``."""
+
+  producer: str
+  consumer: str
+  channels: int  # channels of the producer before
+  kept: int  # channels kept
+  folded: int  # removed channels whose constant output was folded into a bias
+  note: str  # why the boundary could not be compacted, or ""
+
+
+def _name(path: tuple[Any, ...]) -> str:
+  return "/".join(str(p) for p in path) or "model"
+
+
+def _flatten(layers: Any, path: tuple[Any, ...]) -> list[tuple[str, Any]]:
+  out = []
+  for i, layer in enumerate(layers):
+    p = (*path, i)
+    if isinstance(layer, nnx.Sequential):
+      out.extend(_flatten(list(layer.layers), p))
+    else:
+      out.append((_name(p), layer))
+  return out
+
+
+def _chain(model: Any) -> list[tuple[str, Any]]:
+  if isinstance(model, nnx.Sequential):
+    return _flatten(list(model.layers), ("layers",))
+  if isinstance(model, (list, tuple, nnx.List)):
+    return _flatten(list(model), ())
+  if isinstance(model, (nnx.MultiHeadAttention, nnx.Linear, nnx.Conv)):
+    return [("model", model)]
+  layers = getattr(model, "layers", None)
+  if isinstance(layers, (list, tuple, nnx.List, nnx.Sequential)):
+    return _chain(layers) if isinstance(layers, nnx.Sequential) else _flatten(
+        list(layers), ("layers",))
+  raise ValueError(
+      f"compact: cannot read a chain of layers from {type(model).__name__}. Pass an "
+      "nnx.Sequential, a list of layers, or a module with a `layers` list; models with "
+      "branches or residual connections are not supported (their branches may disagree "
+      "about which channels exist)."
+  )
+
+
+def _check(name: str, layer: Any) -> str:
+  """Classifies a layer: 'weights', 'mha', 'channelwise', 'barrier' or 'function'."""
+  if isinstance(layer, nnx.Linear):
+    return "weights"
+  if isinstance(layer, nnx.Conv):
+    if layer.feature_group_count != 1:
+      raise ValueError(f"compact: layer {name} is a grouped Conv (feature_group_count="
+                       f"{layer.feature_group_count}); only feature_group_count=1 is supported.")
+    return "weights"
+  if isinstance(layer, nnx.BatchNorm):
+    if layer.axis not in (-1,):
+      raise ValueError(f"compact: BatchNorm {name} normalizes axis {layer.axis}; only the last "
+                       "(channel) axis is supported.")
+    if not layer.use_running_average:
+      raise ValueError(f"compact: BatchNorm {name} uses batch statistics; call model.eval() "
+                       "before compacting.")
+    return "channelwise"
+  if isinstance(layer, nnx.Dropout):
+    if not layer.deterministic and layer.rate > 0:
+      raise ValueError(f"compact: Dropout {name} is active; call model.eval() first.")
+    return "channelwise"
+  if isinstance(layer, _BARRIERS):
+    return "barrier"
+  if isinstance(layer, nnx.MultiHeadAttention):
+    if layer.dropout_rate > 0 and not layer.deterministic:
+      raise ValueError(f"compact: attention {name} has active dropout; call model.eval() first.")
+    return "mha"
+  if isinstance(layer, nnx.Module):
+    raise ValueError(
+        f"compact: layer {name} has unknown type {type(layer).__name__}. Supported: "
+        "nnx.Linear, nnx.Conv, nnx.BatchNorm, nnx.LayerNorm/RMSNorm/GroupNorm, nnx.Dropout, "
+        "nnx.MultiHeadAttention, nnx.Sequential and plain functions. Residual blocks and "
+        "layers feeding several consumers cannot be compacted safely."
+    )
+  if callable(layer):
+    return "function"
+  raise ValueError(f"compact: layer {name} ({type(layer).__name__}) is not callable.")
+
+
+# --- per-layer views ---------------------------------------------------------------------
+
+
+def _np(v: Any) -> np.ndarray:
+  return np.asarray(v[...])
+
+
+def _in_zero(layer: Any) -> np.ndarray:
+  """bool[in]: inputs of a Linear/Conv whose kernel slice is all zero."""
+  k = _np(layer.kernel)
+  axes = tuple(a for a in range(k.ndim) if a != k.ndim - 2)
+  return np.all(k == 0, axis=axes)
+
+
+def _out_zero(layer: Any) -> np.ndarray:
+  k = _np(layer.kernel)
+  return np.all(k == 0, axis=tuple(range(k.ndim - 1)))
+
+
+def _set(var: Any, value: np.ndarray) -> None:
+  var.set_value(jnp.asarray(value, dtype=var[...].dtype))
+
+
+def _take_out(layer: Any, keep: np.ndarray) -> None:
+  _set(layer.kernel, _np(layer.kernel)[..., keep])
+  if layer.bias is not None:
+    _set(layer.bias, _np(layer.bias)[keep])
+  layer.out_features = int(keep.sum())
+  _update_conv(layer)
+
+
+def _take_in(layer: Any, keep: np.ndarray) -> None:
+  _set(layer.kernel, _np(layer.kernel)[..., keep, :])
+  layer.in_features = int(keep.sum())
+  _update_conv(layer)
+
+
+def _update_conv(layer: Any) -> None:
+  if isinstance(layer, nnx.Conv):
+    layer.kernel_shape = tuple(layer.kernel[...].shape)
+    if layer.mask is not None:
+      raise ValueError("compact: masked Conv layers are not supported.")
+
+
+def _take_channelwise(layer: Any, keep: np.ndarray) -> None:
+  if isinstance(layer, nnx.BatchNorm):
+    for attr in ("scale", "bias", "mean", "var"):
+      var = getattr(layer, attr, None)
+      if var is not None:
+        _set(var, _np(var)[keep])
+    layer.num_features = int(keep.sum())
+
+
+# --- probing a segment ---------------------------------------------------------------------
+
+
+def _apply(layers: list[Any], x: jax.Array) -> jax.Array:
+  for layer in layers:
+    x = layer(x)
+  return x
+
+
+def _owners(layers: list[Any], x: jax.Array, key: jax.Array) -> np.ndarray | None:
+  """int[D]: the input channel each output feature of ``layers`` depends on, or None.
+
+  Forward-mode tangents, one per input channel (all positions at once), at four random
+  points; a feature depends on channel c if its tangent is non-zero anywhere. A feature
+  whose dependence is invisible at all four points counts as unknown (returns None).
+  """
+  channels = x.shape[-1]
+  fn = lambda y: _apply(layers, y)
+  k1, k2 = jax.random.split(key)
+  n1, n2 = jax.random.normal(k1, x.shape, x.dtype), jax.random.normal(k2, x.shape, x.dtype)
+  # Small and large, signed and positive points, so that activations which are flat
+  # somewhere (relu below a shifted threshold) still pass a tangent at one of them.
+  probes = [n1, jnp.abs(n2) + 0.1, 10 * n2, 10 * jnp.abs(n1) + 1.0]
+  eye = jnp.eye(channels, dtype=x.dtype)
+  deps = 0
+  for p in probes:
+    tangent = jax.vmap(lambda e, p=p: jax.jvp(fn, (p,), (jnp.broadcast_to(e, p.shape),))[1])(eye)
+    t = np.asarray(tangent)
+    deps = deps + np.any(t != 0, axis=tuple(range(1, t.ndim - 1)))  # (C, D)
+  deps = np.asarray(deps) > 0
+  if not np.all(deps.sum(axis=0) == 1):
+    return None
+  return np.argmax(deps, axis=0)
+
+
+def _compact_boundary(
+    names: list[str], layers: list[Any], p: int, q: int, x: jax.Array, key: jax.Array
+) -> CompactionBoundary:
+  """Compacts ``layers[p] -> layers[p+1:q] -> layers[q]`` in place; ``x``: P's output."""
+  prod, cons, seg = layers[p], layers[q], layers[p + 1:q]
+  channels = x.shape[-1]
+  nothing = lambda note: CompactionBoundary(names[p], names[q], channels, channels, 0, note)
+  owner = _owners(seg, x, key)
+  if owner is None:
+    return nothing("features of the consumer mix several producer channels")
+  zin = _in_zero(cons)
+  if owner.shape[0] != zin.shape[0]:
+    return nothing("segment output width does not match the consumer input")
+  removable = np.array([np.all(zin[owner == c]) for c in range(channels)])
+  const = _out_zero(prod) & ~removable
+  folds = np.zeros(channels, bool)
+  fold_bias = None
+  if const.any():
+    b = _np(prod.bias) if prod.bias is not None else np.zeros(channels)
+    xc = jnp.broadcast_to(jnp.asarray(np.where(const, b, 0), x.dtype), x.shape)
+    v = np.asarray(_apply(seg, xc), np.float64)[0]  # (..., D)
+    kernel = _np(cons.kernel).astype(np.float64)
+    fold_bias = np.zeros(kernel.shape[-1])
+    conv = isinstance(cons, nnx.Conv)
+    for c in np.flatnonzero(const):
+      feats = np.flatnonzero(owner == c)
+      vc = v[..., feats].reshape(-1, feats.size)
+      if np.all(vc == 0):
+        folds[c] = True
+        continue
+      uniform = np.all(vc == vc[:1])
+      if cons.bias is None or not uniform:
+        continue
+      if conv and not (isinstance(cons.padding, str) and cons.padding.upper() == "VALID"):
+        continue
+      rows = kernel[..., feats, :]
+      rows = rows.reshape(-1, feats.size, kernel.shape[-1]).sum(0) if conv else rows
+      fold_bias += vc[0] @ rows
+      folds[c] = True
+  remove = removable | folds
+  if not remove.any():
+    return nothing("")
+  keep = ~remove
+  # BatchNorms inside the segment: their channels are features of a prefix of the segment.
+  for i, layer in enumerate(seg):
+    if isinstance(layer, nnx.BatchNorm):
+      _take_channelwise(layer, keep[_owners(seg[:i], x, key)])
+  if fold_bias is not None and folds.any():
+    _set(cons.bias, np.asarray(_np(cons.bias), np.float64) + fold_bias)
+  _take_out(prod, keep)
+  _take_in(cons, keep[owner])
+  return CompactionBoundary(names[p], names[q], channels, int(keep.sum()), int(folds.sum()), "")
+
+
+def _compact_heads(layer: nnx.MultiHeadAttention) -> bool:
+  """Removes dead heads of ``layer`` in place; returns whether anything changed."""
+  if layer.num_kv_heads != layer.num_heads or layer.decode:
+    return False
+  out_k = _np(layer.out.kernel)  # (heads, head_dim, out)
+  v_k = _np(layer.value.kernel)  # (in, heads, head_dim)
+  v_b = _np(layer.value.bias) if layer.value.bias is not None else None
+  out_dead = np.all(out_k == 0, axis=(1, 2))
+  v_zero = np.all(v_k == 0, axis=(0, 2))
+  default_fn = layer.attention_fn is nnx.dot_product_attention
+  v_const = v_zero & ~out_dead & default_fn
+  if v_b is not None:
+    nonzero_b = np.any(v_b != 0, axis=1)
+    v_const &= ~nonzero_b | (layer.out.bias is not None)
+  remove = out_dead | v_const
+  if remove.all():
+    remove[0] = False
+  if not remove.any():
+    return False
+  if v_b is not None and layer.out.bias is not None:
+    folded = np.einsum("hd,hdo->o", v_b[remove & v_const & ~out_dead].astype(np.float64),
+                       out_k[remove & v_const & ~out_dead].astype(np.float64))
+    _set(layer.out.bias, np.asarray(_np(layer.out.bias), np.float64) + folded)
+  keep = ~remove
+  for proj in (layer.query, layer.key, layer.value):
+    _set(proj.kernel, _np(proj.kernel)[:, keep])
+    if proj.bias is not None:
+      _set(proj.bias, _np(proj.bias)[keep])
+    proj.out_features = (int(keep.sum()), layer.head_dim)
+  _set(layer.out.kernel, out_k[keep])
+  layer.out.in_features = (int(keep.sum()), layer.head_dim)
+  layer.num_heads = layer.num_kv_heads = int(keep.sum())
+  layer.qkv_features = layer.num_heads * layer.head_dim
+  return True
+
+
+# --- public --------------------------------------------------------------------------------
+
+
+def _clone(model: Any) -> Any:
+  if isinstance(model, nnx.Module):
+    return nnx.clone(model)
+  if isinstance(model, (list, tuple)):
+    return type(model)(_clone(m) for m in model)
+  return model
+
+
+def _run(model: Any, sample: jax.Array, key: jax.Array) -> list[CompactionBoundary]:
+  chain = _chain(model)
+  names = [n for n, _ in chain]
+  layers = [layer for _, layer in chain]
+  kinds = [_check(n, layer) for n, layer in chain]
+  for layer, kind in zip(layers, kinds):
+    if kind == "mha":
+      _compact_heads(layer)
+  first: dict[tuple[int, int], tuple[int, int]] = {}  # channels at the start, folds so far
+  while True:
+    acts = [jnp.asarray(sample)[:1]]
+    for layer in layers:
+      acts.append(layer(acts[-1]))
+    report, changed = [], False
+    weights = [i for i, k in enumerate(kinds) if k == "weights"]
+    for p, q in itertools.pairwise(weights):
+      between = kinds[p + 1:q]
+      if any(k in ("barrier", "mha") for k in between):
+        c = acts[p + 1].shape[-1]
+        note = "a normalization or attention layer mixes the channels"
+        report.append(CompactionBoundary(names[p], names[q], c, c, 0, note))
+        continue
+      b = _compact_boundary(names, layers, p, q, acts[p + 1], key)
+      c0, f0 = first.get((p, q), (b.channels, 0))
+      first[(p, q)] = (c0, f0 + b.folded)
+      report.append(b._replace(channels=c0, folded=f0 + b.folded))
+      if b.kept < b.channels:
+        changed = True
+        break  # shapes changed: recompute the activations
+    if not changed:
+      return report
+
+
+def compact(model: Any, sample: Any, *, seed: int = 0, check: bool = True) -> Any:
+  """Returns a smaller copy of ``model`` with its zero groups cut out.
+
+  See the module docstring for the accepted structure and the exact rules
+  (ALGORITHMS.md §8 defines zero groups, §9 the Flax layouts). The input model is
+  not modified.
+
+  Args:
+    model: an inference-mode ``nnx.Sequential``, list of layers, module with a
+      ``layers`` list, or ``nnx.MultiHeadAttention``.
+    sample: an example input batch (its first example is used to find the
+      intermediate shapes and to probe the functions between layers).
+    seed: seed of the random probe points.
+    check: compare the outputs of the new and old model on ``sample`` and raise
+      ``RuntimeError`` if they differ by more than reassociation can explain
+      (relative 1e-4 of the output scale in float32, 1e-10 in float64; 1e-6
+      in float64 with attention, whose softmax jax computes in float32).
+
+  Returns:
+    A new model of the same type with smaller layers.
+
+  Example::
+
+    small = compact(model, x_val[:8])
+  """
+  new = _clone(model)
+  _run(new, sample, jax.random.PRNGKey(seed))
+  if check:
+    sample = jnp.asarray(sample)
+    out_new = jnp.asarray(_call(new, sample))
+    before = np.asarray(_call(model, sample), np.float64)
+    after = np.asarray(out_new, np.float64)
+    # float64 models agree to reassociation, except that jax.nn.dot_product_attention
+    # (nnx attention without dropout) computes its softmax in float32, so a folded
+    # value bias is exact only to float32's precision there.
+    layers = list(model) if isinstance(model, (list, tuple)) else [model]
+    has_attention = any(
+        isinstance(m, nnx.MultiHeadAttention)
+        for layer in layers if isinstance(layer, nnx.Module)
+        for _, m in nnx.iter_graph(layer)
+    )
+    eps = (1e-6 if has_attention else 1e-10) if out_new.dtype == jnp.float64 else 1e-4
+    scale = max(float(np.max(np.abs(before))), 1.0)
+    if before.shape != after.shape or np.max(np.abs(before - after)) > eps * scale:
+      raise RuntimeError(
+          "compact: the compacted model's outputs differ from the original's; a function "
+          "between layers is probably not channel-wise (e.g. it hard-codes a channel count). "
+          "Please report the model structure."
+      )
+  return new
+
+
+def compaction_plan(model: Any, sample: Any, *, seed: int = 0) -> list[CompactionBoundary]:
+  """What :func:`compact` does at every Linear/Conv boundary (runs it on a copy)."""
+  return _run(_clone(model), sample, jax.random.PRNGKey(seed))
+
+
+def _call(model: Any, x: jax.Array) -> jax.Array:
+  if isinstance(model, (list, tuple)):
+    return _apply(list(model), x)
+  return model(x)

@@ -1,0 +1,154 @@
+"""Group presets from Flax NNX models and Flax params trees (ALGORITHMS.md §9)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import optax_ramda
+from optax_ramda import GroupSpec, presets
+from optax_ramda._src.groups import GroupLeaf
+
+
+class Net(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+    self.bn = nnx.BatchNorm(4, rngs=rngs)
+    self.emb = nnx.Embed(10, 8, rngs=rngs)
+    self.att = nnx.MultiHeadAttention(
+        num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=rngs
+    )
+    self.ln = nnx.LayerNorm(8, rngs=rngs)
+    self.fc = nnx.Linear(8, 3, rngs=rngs)
+
+
+def axes_by_path(reg, params):
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(reg.leaves(params))[0]:
+    name = "/".join(presets.path_names(path))
+    out[name] = leaf.reduce_axes if isinstance(leaf, GroupLeaf) else None
+  return out
+
+
+def test_from_nnx_paper_grouping():
+  model = Net(nnx.Rngs(0))
+  got = axes_by_path(presets.from_nnx(model), nnx.state(model, nnx.Param))
+  assert got == {
+      "att/key/bias": None, "att/key/kernel": (0, 2),
+      "att/out/bias": None, "att/out/kernel": (1, 2),
+      "att/query/bias": None, "att/query/kernel": (0, 2),
+      "att/value/bias": None, "att/value/kernel": (0, 2),
+      "bn/bias": None, "bn/scale": None,
+      "conv/bias": None, "conv/kernel": (0, 1, 3),  # channel-wise (§9)
+      "emb/embedding": None,
+      "fc/bias": None, "fc/kernel": (1,),  # input-wise (§9)
+      "ln/bias": None, "ln/scale": None,
+  }
+
+
+def test_from_nnx_other_choices_and_overrides():
+  model = Net(nnx.Rngs(0))
+  reg = presets.from_nnx(
+      model, dense="output", conv="filter", attention="input",
+      overrides={"att/out/*": None, "emb/embedding": GroupSpec((1,))},
+  )
+  got = axes_by_path(reg, nnx.state(model, nnx.Param))
+  assert got["fc/kernel"] == (0,)
+  assert got["conv/kernel"] == (0, 1, 2)
+  assert got["att/query/kernel"] == (1, 2)
+  assert got["att/out/kernel"] is None
+  assert got["emb/embedding"] == (1,)
+
+
+def test_head_groups_zero_whole_heads():
+  """One head per group in each projection: a large prox zeros every head, a
+  mask on one head's slices leaves exactly that head nonzero (per-leaf head
+  groups, see the presets module docstring)."""
+  model = Net(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  reg = presets.from_nnx(model, dense=None, conv=None)
+  big = reg.prox(params, 1e3)
+  flags = presets.head_sparsity(big)
+  np.testing.assert_array_equal(flags["att"], [True, True])
+  # Keep head 1 (slices along the head axis) far above the threshold.
+  def boost(path, x):
+    names = presets.path_names(path)
+    if names[-1] != "kernel" or names[0] != "att":
+      return x
+    axis = 0 if names[-2] == "out" else 1
+    idx = [slice(None)] * x.ndim
+    idx[axis] = 1
+    return x.at[tuple(idx)].multiply(1e4)
+  boosted = jax.tree_util.tree_map_with_path(boost, params)
+  flags = presets.head_sparsity(reg.prox(boosted, 1.0))
+  np.testing.assert_array_equal(flags["att"], [True, False])
+
+
+def test_works_with_nnx_optimizer():
+  model = Net(nnx.Rngs(0))
+  reg = presets.from_nnx(model)
+  opt = nnx.Optimizer(model, optax_ramda.ramda(0.1, strength=1e-3, regularizer=reg), wrt=nnx.Param)
+  grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+  before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+  opt.update(model, grads)
+  after = nnx.state(model, nnx.Param)
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, after)
+  assert all(jax.tree.leaves(changed))
+
+
+def test_unknown_layer_names_path():
+  class Odd(nnx.Module):
+    def __init__(self, rngs):
+      self.fc = nnx.Linear(2, 2, rngs=rngs)
+      self.gate = nnx.Param(jnp.ones((2, 2)))
+
+  with pytest.raises(ValueError, match=r"gate.*overrides=\{'gate'"):
+    presets.from_nnx(Odd(nnx.Rngs(0)))
+  reg = presets.from_nnx(Odd(nnx.Rngs(0)), overrides={"gate": GroupSpec((0,))})
+  assert axes_by_path(reg, nnx.state(Odd(nnx.Rngs(0)), nnx.Param))["gate"] == (0,)
+
+
+def test_bad_choice():
+  with pytest.raises(ValueError, match="dense='rows'"):
+    presets.from_params({"kernel": jnp.ones((2, 2))}, dense="rows")
+
+
+class LinenNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=True)(x)
+    x = x.reshape(x.shape[0], -1, 4)
+    x = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4)(x)
+    return nn.Dense(3)(x.mean(1))
+
+
+def test_from_params_linen():
+  variables = LinenNet().init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))
+  params = variables["params"]
+  got = axes_by_path(presets.from_params(params), params)
+  assert got["Conv_0/kernel"] == (0, 1, 3)
+  assert got["Dense_0/kernel"] == (1,)
+  assert got["MultiHeadDotProductAttention_0/query/kernel"] == (0, 2)
+  assert got["MultiHeadDotProductAttention_0/out/kernel"] == (1, 2)
+  assert got["BatchNorm_0/scale"] is None
+  assert got["Dense_0/bias"] is None
+
+
+def test_from_params_unknown_leaf_and_mismatch():
+  with pytest.raises(ValueError, match="cannot classify parameter blk/w"):
+    presets.from_params({"blk": {"w": jnp.ones((2, 2))}})
+  # The regularizer classifies any tree, so a masked/partitioned tree works.
+  reg = presets.from_params({"a": {"kernel": jnp.ones((3, 2))}, "b": {"bias": jnp.ones(2)}})
+  masked = {"a": {"kernel": jnp.ones((3, 2))}, "b": {"bias": optax.MaskedNode()}}
+  assert isinstance(reg.leaves(masked)["a"]["kernel"], GroupLeaf)
+  # A hand-written mask/spec tree that does not match the params names the fix.
+  bad = optax_ramda.group_lasso({"a": GroupSpec((1,))})
+  with pytest.raises(ValueError, match="does not match the params tree"):
+    bad.leaves({"a": jnp.ones((2, 2)), "b": jnp.ones(2)})
+  # Same for an L1 mask tree that misses a leaf.
+  with pytest.raises(ValueError, match="does not match the params tree"):
+    optax_ramda.l1({"a": True}).leaves({"a": jnp.ones((2, 2)), "b": jnp.ones(2)})
