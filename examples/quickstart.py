@@ -77,7 +77,8 @@ def main(argv=None):
   )
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-  @nnx.jit
+  # The model's params and the optimizer state are updated in place: donate them.
+  @nnx.jit(donate_argnums=(0, 1))
   def train_step(model, opt, xb, yb):
     def loss_fn(m):
       return optax.softmax_cross_entropy_with_integer_labels(m(xb), yb).mean()

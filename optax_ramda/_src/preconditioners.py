@@ -14,6 +14,28 @@ from optax_ramda._src.schedule import StageSchedule
 from optax_ramda._src.subproblem import DualAverage, Subproblem
 
 
+def cube_root(u: jax.Array) -> jax.Array:
+  """``cbrt(u)`` for ``u >= 0``, fast on every backend (``cbrt(0) = 0``).
+
+  XLA's CPU ``cbrt`` is not vectorised: on 1e6 float32 entries it took 7.9 ms
+  against 0.16 ms for a multiply (BENCHMARKS.md, "Cube root"), which made it
+  the largest elementwise cost of a RAMDA update. Here ``exp(log(u) / 3)``
+  (vectorised) is refined by one Newton step for ``y^3 = u``,
+  ``y <- y - (y - u / y^2) / 3``, which brings it to within about 1 ulp of the
+  correctly rounded root, as accurate as ``jnp.cbrt`` (measured over
+  1e-20..1e20: max 1.25 ulp in float32, 2 ulp in float64, where
+  ``jnp.cbrt`` had 0.96 and 3). Low-precision inputs are computed in float32.
+  """
+  dt = u.dtype
+  work = jnp.promote_types(dt, jnp.float32)
+  u = u.astype(work)
+  pos = u > 0
+  safe = jnp.where(pos, u, 1)
+  y = jnp.exp(jnp.log(safe) * (1 / 3))
+  y = y - (y - safe / (y * y)) * (1 / 3)
+  return jnp.where(pos, y, 0).astype(dt)
+
+
 class CubeRootMetricState(NamedTuple):
   """State of :func:`cube_root_metric`: ``U``, the weighted sum of ``g * g``."""
 
@@ -63,7 +85,7 @@ def cube_root_metric(
 
     sum_sq = jax.tree.map(accumulate, state.sum_sq_grad, da.grad)
     eps_t = schedule.decay(jnp.asarray(eps, s.dtype), da.count)
-    metric = jax.tree.map(lambda u: jnp.cbrt(u) + eps_t.astype(u.dtype), sum_sq)
+    metric = jax.tree.map(lambda u: cube_root(u) + eps_t.astype(u.dtype), sum_sq)
     sub = Subproblem(
         centre=da.centre, linear=da.linear, metric=metric, scale=da.alpha,
         warm_start=params,
