@@ -10,6 +10,7 @@ Where no contraction changes (nothing removed) we require bitwise equality.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import sys
 
@@ -276,11 +277,93 @@ class Residual(nnx.Module):
 
 def test_refuses_unknown_layers_and_residuals_naming_the_layer():
   r = nnx.Rngs(0)
-  m = nnx.Sequential(nnx.Linear(3, 4, rngs=r), Residual(r), nnx.Linear(4, 2, rngs=r))
-  with pytest.raises(ValueError, match=r"layers/1.*Residual"):
-    optax_ramda.compact(m, jnp.ones((1, 3)))
+  m = nnx.Sequential(nnx.Linear(3, 4, rngs=r), nnx.relu, Residual(r), nnx.Linear(4, 2, rngs=r))
+  # The residual's branches disagree about a channel once one is cut: the first Linear's
+  # channel 1 has a zero input row in the block's fc, but x + fc(x) still uses it.
+  _zero(m.layers[2].fc.kernel, (1, slice(None)))
+  for fn in (optax_ramda.compact, optax_ramda.compaction_plan):
+    with pytest.raises(ValueError, match=r"layer layers/2 has unknown type Residual \(its "
+                       r"sublayers: fc: Linear\).*residual block"):
+      fn(m, jnp.ones((1, 3)))
+  assert m.layers[0].kernel.shape == (3, 4)
   with pytest.raises(ValueError, match="chain"):
     optax_ramda.compact(Residual(r), jnp.ones((1, 4)))
+
+
+class SkipNet(nnx.Module):
+  """Has a ``layers`` list, but its __call__ adds a skip connection around two of them."""
+
+  def __init__(self, rngs):
+    self.layers = nnx.List([nnx.Linear(3, 4, rngs=rngs), nnx.relu, nnx.Linear(4, 4, rngs=rngs),
+                            nnx.relu, nnx.Linear(4, 2, rngs=rngs)])
+
+  def __call__(self, x):
+    h = self.layers[0](x)
+    return self.layers[4](h + self.layers[3](self.layers[2](self.layers[1](h))))
+
+
+def test_refuses_a_module_whose_call_is_not_its_chain():
+  m = SkipNet(nnx.Rngs(0))
+  _zero(m.layers[2].kernel, (1, slice(None)))
+  with pytest.raises(ValueError, match=r"SkipNet.__call__ does not just apply its `layers`"):
+    optax_ramda.compact(m, jnp.ones((2, 3)))
+
+
+def _shared_chain():
+  r = nnx.Rngs(0)
+  a, b, c = nnx.Linear(3, 4, rngs=r), nnx.Linear(4, 4, rngs=r), nnx.Linear(4, 2, rngs=r)
+  _zero(b.kernel, (1, slice(None)))  # a zero input row of the shared layer
+  return a, b, c
+
+
+def test_refuses_a_layer_used_twice():
+  a, b, c = _shared_chain()
+  m = nnx.Sequential(a, nnx.relu, b, nnx.relu, b, nnx.relu, c)
+  x = jnp.ones((2, 3))
+  for fn in (optax_ramda.compact, optax_ramda.compaction_plan):
+    with pytest.raises(ValueError, match=r"layer layers/4 is the same Linear instance as layer "
+                       r"layers/2.*two consumers.*nnx.clone"):
+      fn(m, x)
+  assert b.kernel.shape == (4, 4)
+  # The same sub-Sequential twice is the same layer twice.
+  block = nnx.Sequential(b, nnx.relu)
+  with pytest.raises(ValueError, match=r"layers/3/0 is the same Linear instance as layer "
+                     r"layers/2/0"):
+    optax_ramda.compact(nnx.Sequential(a, nnx.relu, block, block, c), x)
+  # With separate copies the same model compacts fine.
+  m = nnx.Sequential(a, nnx.relu, b, nnx.relu, nnx.clone(b), nnx.relu, c)
+  x = _x((8, 3), jnp.float32)
+  small = optax_ramda.compact(m, x)
+  assert small.layers[0].kernel.shape == (3, 3) and small.layers[4].kernel.shape == (3, 4)
+  _close(small(x), m(x), F32_TOL)
+
+
+def test_refuses_shared_weights():
+  a, b, c = _shared_chain()
+  twin = nnx.Linear(4, 4, rngs=nnx.Rngs(5))
+  twin.kernel = b.kernel  # weight tying: one Param in two layers
+  with pytest.raises(ValueError, match=r"layers/4/kernel is the same Param as layers/2/kernel"):
+    optax_ramda.compact(nnx.Sequential(a, nnx.relu, b, nnx.relu, twin, nnx.relu, c),
+                        jnp.ones((2, 3)))
+
+
+def test_refuses_functions_that_hide_a_layer():
+  a, b, c = _shared_chain()
+  x = jnp.ones((2, 3))
+  m = nnx.Sequential(a, nnx.relu, b, lambda h: h + b(h), c)  # b feeds two consumers
+  with pytest.raises(ValueError, match=r"layer layers/3 is a plain function that uses the "
+                     r"Linear at layers/2"):
+    optax_ramda.compact(m, x)
+  d = nnx.Linear(4, 4, rngs=nnx.Rngs(1))
+  for fn in (lambda h: h + d(h), d.__call__, functools.partial(_apply_to, d)):
+    m = nnx.Sequential(a, nnx.relu, b, fn, c)  # a residual hidden in a function
+    with pytest.raises(ValueError, match=r"layers/3 is a plain function that uses the Linear "
+                       r"that is not in the chain"):
+      optax_ramda.compact(m, x)
+
+
+def _apply_to(layer, h):
+  return h + layer(h)
 
 
 def test_refuses_training_mode_batchnorm():
@@ -372,3 +455,31 @@ def test_demo_cnn():
   assert small.layers[6].kernel.shape[0] == fc.in_features - 16 * 4
   _close(small(x), m(x), F32_TOL)
   np.testing.assert_array_equal(jnp.argmax(small(x), -1), jnp.argmax(m(x), -1))
+
+
+# --- the benchmark's report (benchmarks/compaction.py) --------------------------------------
+
+
+def test_benchmark_report_and_summary_line():
+  import importlib.util
+
+  path = pathlib.Path(__file__).parents[1] / "benchmarks" / "compaction.py"
+  spec = importlib.util.spec_from_file_location("compaction_benchmark", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)  # importing trains nothing
+  m = _cnn(jnp.float32)
+  _zero(m.layers[3].kernel, (slice(None), slice(None), jnp.array([0, 2]), slice(None)))
+  x = _x((12, 8, 8, 2), jnp.float32)
+  y = jnp.argmax(m(x), -1)
+  small = optax_ramda.compact(m, x)
+  rep = bench.report(m, small, x, y, batch=4, repeats=2, warmup=1)
+  o, c = rep["original"], rep["compact"]
+  assert o["params"] - c["params"] == 2 * (3 * 3 * 2 + 1) + 2 * 2 + 2 * 3 * 3 * 8
+  # conv1 loses 2 of 6 filters (64 positions x 3x3x2 each), conv2 2 of 6 input channels.
+  assert o["flops"] - c["flops"] == 2 * 64 * (2 * 3 * 3 * 2 + 2 * 3 * 3 * 8)
+  assert o["accuracy"] == c["accuracy"] == 100.0
+  assert [w for _, w in c["widths"]] == [4, 8, 16, 5]
+  line = bench.summary_line(rep)
+  assert line.startswith("RAMDA-trained CNN: ") and "% fewer FLOPs, latency x" in line
+  assert "same accuracy (100.0% vs 100.0%)" in line
+  assert "| parameters |" in bench.markdown(rep)

@@ -23,6 +23,13 @@ Accepted structure (anything else is refused with a ``ValueError`` naming the la
   input feature of ``Q`` comes from. If some feature depends on several channels
   (or none), the boundary is left as it is.
 
+Refused before anything is copied or changed: a layer instance (or a weight) at two
+places of the chain, i.e. one layer whose output feeds two consumers; a plain
+function that uses a Flax module (a residual ``lambda x: x + f(x)``, or a layer of the
+chain called a second time); a custom module in the chain (a residual block: compact
+cannot see whether its branches agree about a channel); a module with a ``layers``
+list whose ``__call__`` does something else than apply them in order.
+
 Rules at a boundary ``P -> g -> Q`` (channel ``c`` of ``P``, its features ``F_c``
 in the input of ``Q``; ALGORITHMS.md §9 layouts: Linear ``(in, out)``, Conv
 ``(*window, in, out)``):
@@ -65,7 +72,9 @@ deterministic (``model.eval()``).
 
 from __future__ import annotations
 
+import functools
 import itertools
+import types
 from typing import Any, NamedTuple
 
 import jax
@@ -74,6 +83,9 @@ import numpy as np
 from flax import nnx
 
 _BARRIERS = (nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)
+# Layers whose weights or shapes compact rewrites, and the variables it rewrites.
+_MODIFIED = (nnx.Linear, nnx.Conv, nnx.BatchNorm, nnx.MultiHeadAttention)
+_REWRITTEN = (nnx.Param, nnx.BatchStat)
 
 
 class CompactionBoundary(NamedTuple):
@@ -149,15 +161,150 @@ def _check(name: str, layer: Any) -> str:
       raise ValueError(f"compact: attention {name} has active dropout; call model.eval() first.")
     return "mha"
   if isinstance(layer, nnx.Module):
+    subs = sorted({f"{_name(path)}: {type(node).__name__}" for path, node in nnx.iter_graph(layer)
+                   if path and isinstance(node, _MODIFIED)})
+    inside = f" (its sublayers: {', '.join(subs[:6])}{', ...' if len(subs) > 6 else ''})"
     raise ValueError(
-        f"compact: layer {name} has unknown type {type(layer).__name__}. Supported: "
-        "nnx.Linear, nnx.Conv, nnx.BatchNorm, nnx.LayerNorm/RMSNorm/GroupNorm, nnx.Dropout, "
-        "nnx.MultiHeadAttention, nnx.Sequential and plain functions. Residual blocks and "
-        "layers feeding several consumers cannot be compacted safely."
+        f"compact: layer {name} has unknown type {type(layer).__name__}"
+        f"{inside if subs else ''}: compact cannot see how its __call__ combines its inputs "
+        "and sublayers. If it is a residual block (x + f(x)) or has branches, the channels "
+        "of both paths must stay aligned, which compact cannot verify, so it refuses rather "
+        "than risk a wrong model. Supported: nnx.Linear, nnx.Conv, nnx.BatchNorm, "
+        "nnx.LayerNorm/RMSNorm/GroupNorm, nnx.Dropout, nnx.MultiHeadAttention, nnx.Sequential "
+        "and plain functions. Fix: build the model as an nnx.Sequential of those, or compact "
+        "a plain chain inside the block yourself (e.g. block.mlp = compact(block.mlp, "
+        "sample_of_its_input)): compact keeps a chain's input and output widths."
     )
   if callable(layer):
     return "function"
   raise ValueError(f"compact: layer {name} ({type(layer).__name__}) is not callable.")
+
+
+# --- sharing: one layer, several consumers -----------------------------------------------
+
+
+def _rewritten(name: str, layer: Any) -> list[tuple[str, Any]]:
+  """``(name, node)`` of the sub-layers and variables of ``layer`` that compact may rewrite."""
+  if not isinstance(layer, _MODIFIED):
+    return []
+  return [(f"{name}/{_name(path)}" if path else name, node)
+          for path, node in nnx.iter_graph(layer)
+          if isinstance(node, (*_MODIFIED, *_REWRITTEN))]
+
+
+def _code_names(code: Any) -> set[str]:
+  names = set(code.co_names)
+  for c in code.co_consts:
+    if hasattr(c, "co_names"):
+      names |= _code_names(c)
+  return names
+
+
+def _cell(cell: Any) -> list[Any]:
+  try:
+    return [cell.cell_contents]
+  except ValueError:  # an empty cell
+    return []
+
+
+def _hidden(fn: Any, depth: int = 0, seen: set[int] | None = None) -> list[Any]:
+  """Flax modules and variables a plain callable uses, as far as Python shows them.
+
+  Looks at a bound method's ``self``, ``functools.partial`` arguments, ``__wrapped__``,
+  closure cells, defaults, the globals a function's code names, and the attributes of a
+  callable object (one level), following the functions found there up to three levels.
+  """
+  seen = set() if seen is None else seen
+  if id(fn) in seen or depth > 3:
+    return []
+  seen.add(id(fn))
+  refs: list[Any] = [getattr(fn, a) for a in ("__self__", "__func__", "__wrapped__")
+                     if hasattr(fn, a)]
+  if isinstance(fn, functools.partial):
+    refs += [fn.func, *fn.args, *fn.keywords.values()]
+  code = getattr(fn, "__code__", None)
+  if isinstance(code, types.CodeType):
+    for cell in getattr(fn, "__closure__", None) or ():
+      refs += _cell(cell)
+    refs += list(getattr(fn, "__defaults__", None) or ())
+    refs += list((getattr(fn, "__kwdefaults__", None) or {}).values())
+    globs = getattr(fn, "__globals__", None) or {}
+    refs += [globs[n] for n in sorted(_code_names(code)) if n in globs]
+  elif depth == 0 and hasattr(fn, "__dict__"):
+    refs += list(vars(fn).values())
+  found = []
+  for ref in refs:
+    items = list(ref.values()) if isinstance(ref, dict) else (
+        list(ref) if isinstance(ref, (list, tuple)) else [ref])
+    for obj in items:
+      if isinstance(obj, (nnx.Module, nnx.Variable)):
+        found.append(obj)
+      elif callable(obj) and not isinstance(obj, (type, types.ModuleType)):
+        found += _hidden(obj, depth + 1, seen)
+  return found
+
+
+def _refuse_shared(model: Any, sample: Any) -> None:
+  """Raises ``ValueError`` if a layer of the chain has more than one consumer.
+
+  Checked on the caller's model, before anything is copied or changed: a layer instance
+  (or a sub-layer or weight of one) at two places of the chain; a plain function that
+  uses a Flax module (compact cannot see into it, and if that module is also in the
+  chain its output feeds two consumers); a model whose own ``__call__`` does not simply
+  apply its ``layers`` in order (a skip connection around some of them).
+  """
+  chain = _chain(model)
+  kinds = [_check(n, layer) for n, layer in chain]
+  where: dict[int, str] = {}
+  for name, layer in chain:  # whole layers first, so that the message names them
+    if isinstance(layer, _MODIFIED):
+      first = where.setdefault(id(layer), name)
+      if first != name:
+        raise ValueError(
+            f"compact: layer {name} is the same {type(layer).__name__} instance as layer "
+            f"{first}: one layer used at two places of the chain, so its weights are shared "
+            "and its output feeds two consumers. Removing a channel would have to suit both "
+            "places at once, which compact does not attempt. Fix: give each place its own "
+            "layer (e.g. nnx.clone(layer)) if the weights need not be shared; otherwise this "
+            "model cannot be compacted.")
+  for name, layer in chain:
+    for sub, node in _rewritten(name, layer):
+      if sub == name:
+        continue
+      first = where.setdefault(id(node), sub)
+      if first != sub:
+        raise ValueError(
+            f"compact: {sub} is the same {type(node).__name__} as {first} (shared between "
+            "two layers of the chain). Removing a channel from one would change the other; "
+            "compact does not attempt that. Fix: give each layer its own weights "
+            "(nnx.clone), or leave this model uncompacted.")
+  for (name, layer), kind in zip(chain, kinds):
+    if kind != "function":
+      continue
+    for obj in _hidden(layer):
+      at = where.get(id(obj))
+      what = f"the {type(obj).__name__} " + (f"at {at}" if at else "that is not in the chain")
+      raise ValueError(
+          f"compact: layer {name} is a plain function that uses {what}. compact sees a "
+          "function only from outside: it cannot compact the module inside, and if that "
+          "module is also in the chain (its output feeding two consumers) or the function "
+          "adds a skip connection, removing a channel would break it. Fix: put the module "
+          "itself in the chain (an nnx.Sequential of supported layers and functions that "
+          "use no module).")
+  if isinstance(model, nnx.Module) and not (
+      type(model).__call__ is nnx.Sequential.__call__
+      or isinstance(model, (nnx.MultiHeadAttention, nnx.Linear, nnx.Conv))):
+    x = jnp.asarray(sample)[:2]
+    direct = np.asarray(model(x), np.float64)
+    chained = np.asarray(_apply([layer for _, layer in chain], x), np.float64)
+    scale = max(float(np.max(np.abs(direct), initial=0.0)), 1.0)
+    if direct.shape != chained.shape or np.max(np.abs(direct - chained)) > 1e-6 * scale:
+      raise ValueError(
+          f"compact: {type(model).__name__}.__call__ does not just apply its `layers` in "
+          "order (its output differs from running them one after the other); it may add a "
+          "residual/skip connection or feed a layer's output to two consumers, which "
+          "compact cannot follow. Fix: compact `model.layers` (or an nnx.Sequential of the "
+          "plain chain inside it) and put the result back.")
 
 
 # --- per-layer views ---------------------------------------------------------------------
@@ -407,6 +554,7 @@ def compact(model: Any, sample: Any, *, seed: int = 0, check: bool = True) -> An
 
     small = compact(model, x_val[:8])
   """
+  _refuse_shared(model, sample)
   new = _clone(model)
   _run(new, sample, jax.random.PRNGKey(seed))
   if check:
@@ -436,6 +584,7 @@ def compact(model: Any, sample: Any, *, seed: int = 0, check: bool = True) -> An
 
 def compaction_plan(model: Any, sample: Any, *, seed: int = 0) -> list[CompactionBoundary]:
   """What :func:`compact` does at every Linear/Conv boundary (runs it on a copy)."""
+  _refuse_shared(model, sample)
   return _run(_clone(model), sample, jax.random.PRNGKey(seed))
 
 
