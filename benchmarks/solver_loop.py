@@ -4,8 +4,8 @@
 
 Builds a model of ``--leaves`` regularized Dense-like kernels (input-wise
 groups), takes a few RAMDA steps to get a realistic metric, then times the
-jitted update of RAMDA with ``solver="pg"`` (one fused loop) and
-``solver="pg_per_leaf"`` (one loop per leaf): compile time of the update, and
+jitted update of RAMDA with ``solver="pg_fused"`` (one fused loop) and
+``solver="pg"`` (one loop per leaf): compile time of the update, and
 the median run time over repeated calls after warm-up.
 """
 
@@ -76,7 +76,7 @@ def main():
   print(f"{args.leaves} regularized leaves, {n_params:,} params")
   print("| solver | compile (s) | update median (ms) | mean PG iterations |")
   print("|---|---|---|---|")
-  for solver in ("pg", "pg_per_leaf"):
+  for solver in ("pg_fused", "pg"):
     c, r, it = bench(solver, params, grads, args.reps)
     print(f"| {solver} | {c:.2f} | {1e3 * r:.2f} | {it:.1f} |")
 

@@ -188,7 +188,9 @@ def make_optimizer(name: str, lam: float, stage: int, **overrides: Any):
 HYPERPARAMS: dict[str, dict[str, Any]] = {
     "ramda": dict(learning_rate=1e-2, momentum=0.1),
     "rmda": dict(learning_rate=1e-1, momentum=0.1),
-    "proxgen": dict(learning_rate=1e-3),
+    # The paper's ProxGen: its subproblem solved by proximal gradient (the library's
+    # default solver is now the exact one, which is ProxSSI).
+    "proxgen": dict(learning_rate=1e-3, solver="pg"),
     "proxsgd": dict(learning_rate=1e-1, momentum=0.1),
 }
 

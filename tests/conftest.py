@@ -11,8 +11,14 @@ jax.config.update("jax_num_cpu_devices", 8)
 try:
   from hypothesis import HealthCheck, settings
 
+  # CI is derandomized so a run is reproducible; HYPOTHESIS_PROFILE=explore
+  # draws fresh examples (use it when changing a solver).
   settings.register_profile(
-      "ci", max_examples=40, deadline=None,
+      "ci", max_examples=40, deadline=None, derandomize=True,
+      suppress_health_check=[HealthCheck.too_slow],
+  )
+  settings.register_profile(
+      "explore", max_examples=200, deadline=None,
       suppress_health_check=[HealthCheck.too_slow],
   )
   settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

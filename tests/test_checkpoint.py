@@ -42,6 +42,8 @@ def make_opt(name):
     return optax_ramda.ramda(0.1, strength=0.05, regularizer=reg, momentum=0.2, **stages)
   if name == "rmda":
     return optax_ramda.rmda(0.1, strength=0.05, regularizer=reg, momentum=0.2, **stages)
+  if name == "prox_sgd":
+    return optax_ramda.prox_sgd(0.1, strength=0.05, regularizer=reg, momentum=0.2, **stages)
   return optax_ramda.prox_adamw(0.05, strength=0.05, regularizer=reg, **stages)
 
 
@@ -73,7 +75,7 @@ def resume(name, ckpt_dir, out_file):
   np.savez(out_file, **results)
 
 
-@pytest.mark.parametrize("name", ["ramda", "rmda", "prox_adamw"])
+@pytest.mark.parametrize("name", ["ramda", "rmda", "prox_adamw", "prox_sgd"])
 def test_resume_in_fresh_process_is_bit_identical(name, tmp_path):
   opt = make_opt(name)
   params = params0()

@@ -61,6 +61,11 @@ OPTIMIZERS = {
         dict(learning_rate=0.1, strength=0.05, momentum=0.1),
         STAGES,
     ),
+    "prox_ssi": (
+        optax_ramda.prox_ssi,
+        dict(learning_rate=0.05, strength=0.05, b1=0.9),
+        STAGES,
+    ),
 }
 NAMES = sorted(OPTIMIZERS)
 
@@ -140,7 +145,7 @@ def test_jit_no_recompilation_and_groups_zeroed(name):
   for g in grads_seq(params):
     params, state = step(g, state, params)
   assert len(traces) == 1  # one trace for all steps, across the restart
-  if name in ("prox_adamw", "prox_sgd"):  # c = 1 from the start: exact zero groups
+  if name in ("prox_adamw", "prox_sgd", "prox_ssi"):  # c = 1 from the start: exact zeros
     norms = jnp.linalg.norm(params["dense"]["kernel"], axis=1)
     assert int(jnp.sum(norms == 0)) > 0
 

@@ -35,14 +35,33 @@ def test_masked_nodes_pass_through():
         ({"k": GroupSpec((2,))}, {"k": jnp.zeros((3, 4))}, ValueError, "out of range"),
         ({"k": GroupSpec((0, -2))}, {"k": jnp.zeros((3, 4))}, ValueError, "repeated"),
         ({"k": GroupSpec((1,))}, {"k": jnp.zeros((3, 4)), "b": jnp.zeros(4)}, ValueError,
-         "does not match"),
+         r"does not match the params tree: parameter \['b'\] has no entry"),
         ({"k": GroupSpec(())}, {"k": jnp.zeros(3, jnp.int32)}, TypeError, "floating-point"),
-        ({"k": (1,)}, {"k": jnp.zeros((3, 4))}, ValueError, "does not match"),
+        ({"k": (1,)}, {"k": jnp.zeros((3, 4))}, ValueError,
+         r"parameter \['k'\] is a single array.*\['k'\]\[0\].*GroupSpec\(reduce_axes="),
     ],
 )
 def test_bad_specs(spec, params, err, match):
   with pytest.raises(err, match=match):
     groups.resolve(spec, params)
+
+
+def test_mismatch_names_the_first_missing_or_extra_path():
+  params = {"dense": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros(4)}, "out": jnp.zeros(2)}
+  # A typo: one extra path, the real one missing (reported first, in params order).
+  typo = {"dense": {"kernel": GroupSpec((1,)), "bais": None}, "out": None}
+  with pytest.raises(ValueError, match=r"parameter \['dense'\]\['bias'\] has no entry"):
+    groups.resolve(typo, params)
+  # Only an extra path.
+  extra = {"dense": {"kernel": GroupSpec((1,)), "bias": None}, "out": None, "head": None}
+  with pytest.raises(ValueError, match=r"entry at \['head'\], which is not a parameter"):
+    groups.resolve(extra, params)
+  # One spec for a whole subtree: names the subtree and the per-leaf fix.
+  with pytest.raises(ValueError, match=r"one entry at \['dense'\].*jax\.tree\.map"):
+    groups.resolve({"dense": GroupSpec((1,)), "out": None}, params)
+  # Same leaf paths, different containers: both structures are printed.
+  with pytest.raises(ValueError, match=r"(?s)containers differ.*PyTreeDef"):
+    groups.resolve([GroupSpec(())], (jnp.zeros(3),))
 
 
 def test_error_names_the_parameter_path():

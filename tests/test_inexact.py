@@ -39,7 +39,7 @@ def test_stops_when_condition_holds(eps):
     assert q(z) <= q(np.asarray(prob.warm_start))
     its = int(sol.iterations)
     if its > 2:
-      before = solvers.pg_solve([leaf], [prob], -1.0, its - 1, 2)[0]
+      before = solvers.pg_solve([leaf], [prob], -1.0, its - 1, 2, track_residual=True)[0]
       assert float(before.residual) > eps
 
 
@@ -62,7 +62,9 @@ def test_schedule_in_optimizer_and_bad_power():
   reg = optax_ramda.group_lasso(GroupSpec((1,)))
   opt = optax.chain(
       optax_ramda.adam_subproblem(1e-1),
-      optax_ramda.solve_subproblem(reg, 1e-2, max_iters=1000, subgradient_tol=sched),
+      optax_ramda.solve_subproblem(
+          reg, 1e-2, max_iters=1000, solver="pg", subgradient_tol=sched
+      ),
       optax_ramda.interpolate(1.0),
   )
   st = opt.init(params)
@@ -80,4 +82,14 @@ def test_schedule_in_optimizer_and_bad_power():
 
 def test_negative_tol_rejected():
   with pytest.raises(ValueError, match="subgradient_tol"):
-    optax_ramda.solve_subproblem(optax_ramda.l1(), 1e-3, subgradient_tol=-1.0)
+    optax_ramda.solve_subproblem(optax_ramda.l1(), 1e-3, solver="pg", subgradient_tol=-1.0)
+
+
+def test_needs_a_pg_solver():
+  # The default (exact) solver has no stopping rule to replace: the error
+  # names the fix.
+  for solver in (None, "exact"):
+    with pytest.raises(ValueError, match="solver='pg'"):
+      optax_ramda.solve_subproblem(optax_ramda.l1(), 1e-3, solver=solver, subgradient_tol=1e-3)
+    with pytest.raises(ValueError, match="solver='pg'"):
+      optax_ramda.ramda(0.1, 1e-3, optax_ramda.l1(), solver=solver, subgradient_tol=1e-3)

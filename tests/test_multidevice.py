@@ -3,7 +3,9 @@
 Data parallel with NamedSharding, FSDP-style sharded params (group norms
 across shards), shard_map with pmean, and pmap: each must follow the
 single-device trajectory within float32 tolerance, and the optimizer state
-must keep the sharding of the params it mirrors.
+must keep the sharding of the params it mirrors. Inside shard_map a param
+sharded along a group's reduce axis is refused (the presets at trace time,
+presets.check_shard_map_specs before); sharding another axis is exact.
 """
 
 import warnings
@@ -17,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_ramda
-from optax_ramda import presets
+from optax_ramda import GroupSpec, presets
 
 STEPS = 4
 # Batch means and group norms are reduced in a different order across 8
@@ -52,6 +54,11 @@ OPTS = {
         0.05, strength=0.02, regularizer=REG, momentum=0.1, max_iters=20, min_iters=20
     ),
     "prox_sgd": lambda: optax_ramda.prox_sgd(0.05, strength=0.02, regularizer=REG),
+    "rmda": lambda: optax_ramda.rmda(0.05, strength=0.02, regularizer=REG, momentum=0.1),
+    "prox_adamw": lambda: optax_ramda.prox_adamw(
+        0.05, strength=0.02, regularizer=REG, max_iters=20, min_iters=20
+    ),
+    "prox_ssi": lambda: optax_ramda.prox_ssi(0.05, strength=0.02, regularizer=REG),
 }
 
 
@@ -185,3 +192,170 @@ def test_pmap(name):
   for leaf in jax.tree.leaves(params):  # every replica holds the same params
     leaf = np.asarray(leaf)
     np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[0], leaf.shape))
+
+
+# --- shard_map with sharded params: groups must not be split -----------------------------
+
+SPLIT_GROUPS = {"fc1": {"kernel": P(None, "model"), "bias": P()}, "fc2": P()}  # reduce axis 1
+WHOLE_GROUPS = {"fc1": P(), "fc2": {"kernel": P("model", None), "bias": P()}}  # rows whole
+
+
+def sharded_step(opt, specs, check_vma):
+  """shard_map step on a ``model`` mesh; the loss gathers the sharded kernels."""
+  mesh = Mesh(np.array(jax.devices()), ("model",))
+  full_specs = jax.tree.map(  # the prefix tree, one spec per param leaf
+      lambda s, sub: jax.tree.map(lambda _: s, sub), specs, init_params(),
+      is_leaf=lambda x: isinstance(x, P),
+  )
+  by_shape = {
+      np.shape(x): s
+      for x, s in zip(jax.tree.leaves(init_params()), jax.tree.leaves(full_specs))
+  }
+
+  def axis_of(s):
+    return next((i for i, e in enumerate(s) if e is not None), None)
+
+  def step(params, state, x, y):
+    def gather(a, s):
+      ax = axis_of(s)
+      return a if ax is None else jax.lax.all_gather(a, "model", axis=ax, tiled=True)
+
+    full = jax.tree.map(gather, params, full_specs)
+    g_full = jax.grad(loss_fn)(full, x, y)
+    idx = jax.lax.axis_index("model")
+
+    def local(g, a, s):
+      ax = axis_of(s)
+      if ax is None:
+        return g
+      return jax.lax.dynamic_slice_in_dim(g, idx * a.shape[ax], a.shape[ax], ax)
+
+    grads = jax.tree.map(local, g_full, params, full_specs)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state_specs = jax.tree.map(lambda a: by_shape.get(np.shape(a), P()), opt.init(init_params()))
+  return jax.jit(jax.shard_map(
+      step, mesh=mesh, in_specs=(full_specs, state_specs, P(), P()),
+      out_specs=(full_specs, state_specs), check_vma=check_vma,
+  ))
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_shard_map_split_groups_raise_naming_the_path(check_vma):
+  """fc1's input-wise groups reduce axis 1; sharding it in shard_map is refused."""
+  opt = OPTS["prox_sgd"]()
+  step = sharded_step(opt, SPLIT_GROUPS, check_vma)
+  params = init_params()
+  with pytest.raises(ValueError, match=r"parameter fc1/kernel has local shape \(8, 2\) "
+                     r"inside jax.shard_map.*axis 1.*jax.jit and NamedSharding"):
+    step(params, opt.init(params), *data())
+
+
+@pytest.mark.parametrize("name", sorted(OPTS))
+def test_shard_map_whole_groups_follow_single_device(name):
+  """fc2 sharded along axis 0 (its groups are rows): allowed, and exact (the PG
+  solver runs a fixed number of iterations, see docs/flax_and_distributed.md)."""
+  opt = OPTS[name]()
+  presets.check_shard_map_specs(REG, init_params(), WHOLE_GROUPS)
+  step = sharded_step(opt, WHOLE_GROUPS, check_vma=False)
+  params = init_params()
+  state = opt.init(params)
+  x, y = data()
+  for _ in range(STEPS):
+    params, state = step(params, state, x, y)
+  assert_close(params, single_device(opt))
+
+
+def test_check_shard_map_specs():
+  params = init_params()
+  with pytest.raises(ValueError, match=r"(?s)\['fc1'\]\['kernel'\].*axis 1 over mesh "
+                     r"axis model; use P\(\).*jax.jit and NamedSharding"):
+    presets.check_shard_map_specs(REG, params, SPLIT_GROUPS)
+  # Every offending leaf is listed; a hand-written group_lasso is checked too.
+  reg = optax_ramda.group_lasso({"fc1": {"kernel": GroupSpec((0,)), "bias": GroupSpec(())},
+                                 "fc2": {"kernel": GroupSpec((0, 1)), "bias": None}})
+  specs = {"fc1": {"kernel": P("model", None), "bias": P("model")}, "fc2": P(None, "model")}
+  with pytest.raises(ValueError, match=r"(?s)\['fc1'\]\['kernel'\].*\['fc2'\]\['kernel'\]"
+                     r".*use P\(\)"):
+    presets.check_shard_map_specs(reg, params, specs)
+  # Replicated (a prefix P() or None), sharding whole groups, L1, size-1 mesh axes: fine.
+  presets.check_shard_map_specs(REG, params, P())
+  presets.check_shard_map_specs(REG, params, None)
+  presets.check_shard_map_specs(REG, params, WHOLE_GROUPS)
+  presets.check_shard_map_specs(optax_ramda.l1(), params, jax.tree.map(lambda _: P("m"), params))
+  one = Mesh(np.array(jax.devices()[:1]), ("model",))
+  presets.check_shard_map_specs(REG, params, SPLIT_GROUPS, mesh=one)
+  # NamedSharding leaves carry their mesh.
+  mesh = Mesh(np.array(jax.devices()), ("model",))
+  named = jax.tree.map(lambda s: NamedSharding(mesh, s), SPLIT_GROUPS,
+                       is_leaf=lambda x: isinstance(x, P))
+  with pytest.raises(ValueError, match=r"\['fc1'\]\['kernel'\]"):
+    presets.check_shard_map_specs(REG, params, named)
+  with pytest.raises(ValueError, match="prefix of the params"):
+    presets.check_shard_map_specs(REG, params, {"fc1": P()})
+
+
+def test_preset_shape_check_only_inside_shard_map():
+  """Outside shard_map a preset accepts other shapes (e.g. a compacted model)."""
+  small = {"fc1": {"kernel": jnp.ones((8, 2)), "bias": jnp.ones(2)},
+           "fc2": {"kernel": jnp.ones((2, 8)), "bias": jnp.ones(8)}}
+  assert REG.leaves(small)["fc1"]["kernel"].group_size == 2
+  jax.jit(REG.value)(small)
+
+
+@pytest.mark.parametrize("kernel_spec, ok", [(P(None, "model"), False), (P("model", None), True)])
+def test_from_nnx_shard_check(kernel_spec, ok):
+  """The check also runs for presets.from_nnx (paths of nnx.state / nnx.Optimizer)."""
+  from flax import nnx
+
+  model = nnx.Linear(8, 16, rngs=nnx.Rngs(0))
+  reg = presets.from_nnx(model)  # input-wise: the kernel's groups reduce axis 1
+  params = nnx.state(model, nnx.Param)
+  specs = jax.tree.map(lambda x: kernel_spec if x.ndim == 2 else P(), params)
+  mesh = Mesh(np.array(jax.devices()), ("model",))
+  value = jax.jit(jax.shard_map(
+      reg.value, mesh=mesh, in_specs=(specs,), out_specs=P(), check_vma=False
+  ))
+  if ok:
+    value(params)
+  else:
+    with pytest.raises(ValueError, match=r"parameter kernel has local shape \(8, 2\)"):
+      value(params)
+
+
+def test_check_shard_map_specs_attention_heads():
+  """Tied head groups (attention="head"): sharding q/k/v/out along the head axis
+  keeps each joint group on one device; sharding only some of them is refused."""
+  from flax import nnx
+
+  att = nnx.MultiHeadAttention(num_heads=8, in_features=8, qkv_features=16, decode=False,
+                               rngs=nnx.Rngs(0))
+  reg = presets.from_nnx(att)
+  params = nnx.state(att, nnx.Param)
+  heads = {"query": P(None, "model"), "key": P(None, "model"), "value": P(None, "model"),
+           "out": P("model")}
+
+  def specs(out_kernel):
+    def one(path, x):
+      names = presets.path_names(path)
+      if names[-1] == "kernel":
+        return out_kernel if names[0] == "out" else heads[names[0]]
+      return P("model") if names[0] != "out" else P()  # q/k/v biases (heads, head_dim)
+    return jax.tree_util.tree_map_with_path(one, params)
+
+  presets.check_shard_map_specs(reg, params, specs(heads["out"]))
+  # ... and then the prox inside shard_map (one head per device) is the unsharded one.
+  mesh = Mesh(np.array(jax.devices()), ("model",))
+  good = specs(heads["out"])
+  prox = jax.jit(jax.shard_map(lambda p: reg.prox(p, 0.5), mesh=mesh, in_specs=(good,),
+                               out_specs=good, check_vma=False))
+  for a, b in zip(jax.tree.leaves(prox(params)), jax.tree.leaves(reg.prox(params, 0.5))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  unlike = (r"(?s)tie '' joins .*\['out'\]\['kernel'\]\S* \(group axes \(8,\), "
+            r"sharded as \(None,\)\).*shard their group axes the same way")
+  with pytest.raises(ValueError, match=unlike):
+    presets.check_shard_map_specs(reg, params, specs(P()))
+  # Sharding the heads' reduce axis (head_dim) is refused too.
+  with pytest.raises(ValueError, match=r"\['out'\]\['kernel'\].*axis 1 over mesh axis model"):
+    presets.check_shard_map_specs(reg, params, specs(P(None, "model")))

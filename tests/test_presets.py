@@ -64,9 +64,9 @@ def test_from_nnx_other_choices_and_overrides():
 
 
 def test_head_groups_zero_whole_heads():
-  """One head per group in each projection: a large prox zeros every head, a
-  mask on one head's slices leaves exactly that head nonzero (per-leaf head
-  groups, see the presets module docstring)."""
+  """One joint group per head: a large prox zeros every head, a boost of one
+  head's slices leaves exactly that head nonzero (see the presets module
+  docstring)."""
   model = Net(nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
   reg = presets.from_nnx(model, dense=None, conv=None)
@@ -147,8 +147,91 @@ def test_from_params_unknown_leaf_and_mismatch():
   assert isinstance(reg.leaves(masked)["a"]["kernel"], GroupLeaf)
   # A hand-written mask/spec tree that does not match the params names the fix.
   bad = optax_ramda.group_lasso({"a": GroupSpec((1,))})
-  with pytest.raises(ValueError, match="does not match the params tree"):
+  with pytest.raises(ValueError, match=r"does not match the params tree: parameter \['b'\]"):
     bad.leaves({"a": jnp.ones((2, 2)), "b": jnp.ones(2)})
   # Same for an L1 mask tree that misses a leaf.
-  with pytest.raises(ValueError, match="does not match the params tree"):
+  with pytest.raises(ValueError, match=r"parameter \['b'\] has no entry.*True/False"):
     optax_ramda.l1({"a": True}).leaves({"a": jnp.ones((2, 2)), "b": jnp.ones(2)})
+
+
+def ties_by_path(reg, params):
+  return {
+      "/".join(presets.path_names(path)): leaf.tie
+      for path, leaf in jax.tree_util.tree_flatten_with_path(reg.leaves(params))[0]
+      if isinstance(leaf, GroupLeaf)
+  }
+
+
+def test_head_preset_ties_the_four_kernels_of_each_module():
+  class Two(nnx.Module):
+    def __init__(self, rngs):
+      kw = dict(num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=rngs)
+      self.a = nnx.MultiHeadAttention(**kw)
+      self.b = nnx.MultiHeadAttention(**kw)
+      self.fc = nnx.Linear(8, 3, rngs=rngs)
+
+  model = Two(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  ties = ties_by_path(presets.from_nnx(model), params)
+  for m in ("a", "b"):
+    for proj in ("query", "key", "value", "out"):
+      assert ties[f"{m}/{proj}/kernel"] == m
+  assert ties["fc/kernel"] is None
+  untied = ties_by_path(presets.from_nnx(model, attention="input"), params)
+  assert all(t is None for t in untied.values())
+  # Also for the arrays nnx.Optimizer passes (paths ending in .value).
+  state = nnx.state(model, nnx.Param)
+  arrays = jax.tree.map(lambda v: v[...], state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  assert ties_by_path(presets.from_nnx(model), arrays)["b/out/kernel"] == "b"
+
+
+def test_head_preset_value_is_the_joint_group_lasso():
+  model = Net(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  reg = presets.from_nnx(model, dense=None, conv=None)
+  att = params["att"]
+  q, k, v = (np.asarray(att[n]["kernel"][...]) for n in ("query", "key", "value"))
+  o = np.asarray(att["out"]["kernel"][...])
+  rows = np.concatenate(
+      [x.transpose(1, 0, 2).reshape(2, -1) for x in (q, k, v)] + [o.reshape(2, -1)], axis=1
+  )
+  expected = np.sqrt(rows.shape[1]) * np.linalg.norm(rows, axis=1).sum()
+  np.testing.assert_allclose(reg.value(params), expected, rtol=1e-5)
+  # One large slice keeps the whole head: its other three slices are not zeroed.
+  boosted = jax.tree.map(lambda x: x, params)
+  boosted["att"]["query"]["kernel"][...] = att["query"]["kernel"][...].at[:, 1].multiply(1e4)
+  out = reg.prox(boosted, 1.0)
+  np.testing.assert_array_equal(presets.head_sparsity(out)["att"], [True, False])
+  for n in ("key", "value"):
+    assert np.all(np.asarray(out["att"][n]["kernel"][...])[:, 1] != 0)
+  assert np.all(np.asarray(out["att"]["out"]["kernel"][...])[1] != 0)
+
+
+def test_head_preset_grouped_query_attention():
+  class GQA(nnx.Module):
+    def __init__(self, rngs):
+      self.att = nnx.MultiHeadAttention(
+          num_heads=4, num_kv_heads=2, in_features=8, qkv_features=8, decode=False, rngs=rngs
+      )
+
+  model = GQA(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  reg = presets.from_nnx(model)
+  ties = ties_by_path(reg, params)
+  assert ties == {
+      "att/query/kernel": "att", "att/out/kernel": "att",
+      "att/key/kernel": "att/kv", "att/value/kernel": "att/kv",
+  }
+  rep = optax_ramda.structure(params, reg)
+  np.testing.assert_allclose(rep.group_sparsity, 0.0)
+  # Paths are jax.tree_util.keystr of the params (an NNX Param ends in .value).
+  assert rep.per_leaf["['att']['key']['kernel'].value"].num_groups == 2
+
+
+def test_from_params_linen_head_ties():
+  variables = LinenNet().init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))
+  params = variables["params"]
+  ties = ties_by_path(presets.from_params(params), params)
+  mod = "MultiHeadDotProductAttention_0"
+  assert {ties[f"{mod}/{p}/kernel"] for p in ("query", "key", "value", "out")} == {mod}
+  assert ties["Dense_0/kernel"] is None

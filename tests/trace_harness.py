@@ -158,6 +158,10 @@ class Trace:
     )
     if self.optimizer != "prox_adamw":
       kw["momentum"] = self.momentum
+    if self.optimizer in ("ramda", "prox_adamw"):
+      # The traces are the paper's PG solver (ALGORITHMS.md §6), not the
+      # aliases' default exact solver: name it, so the default may change.
+      kw["solver"] = "pg"
     return kw
 
   def make_optimizer(self) -> optax.GradientTransformation:

@@ -9,6 +9,11 @@ dtype class) is::
   opt = optax.inject_hyperparams(optax_ramda.ramda,
                                  static_args=("accumulator_dtype",))(
       learning_rate=0.01, strength=1e-4, regularizer=reg)
+
+``solver`` (a string or None) and ``track_residual`` (a bool) are static
+without being listed: ``inject_hyperparams`` passes strings, None and bools
+through unchanged. ``subgradient_tol`` may be a number or a schedule; under
+``inject_hyperparams`` a schedule is evaluated at the wrapper's step count.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from optax_ramda._src.dual_averaging import dual_averaging
 from optax_ramda._src.interpolation import interpolate
 from optax_ramda._src.moments import adam_subproblem, sgd_subproblem
 from optax_ramda._src.preconditioners import cube_root_metric, sqrt_count_metric
-from optax_ramda._src.regularizers import GroupLasso
+from optax_ramda._src.regularizers import Regularizer
 from optax_ramda._src.schedule import StageSchedule
 from optax_ramda._src.solve import solve_subproblem
 
@@ -31,7 +36,7 @@ from optax_ramda._src.solve import solve_subproblem
 def ramda(
     learning_rate: base.ScalarOrSchedule,
     strength: Any = 0.0,
-    regularizer: GroupLasso | None = None,
+    regularizer: Regularizer | None = None,
     momentum: Any = 0.01,
     eps: Any = 1e-6,
     rtol: Any = 1e-8,
@@ -40,7 +45,9 @@ def ramda(
     milestones: Sequence[int] = (),
     gamma: float = 0.1,
     steps_per_epoch: int = 1,
-    solver: str = "pg",
+    solver: str | None = None,
+    subgradient_tol: base.ScalarOrSchedule | None = None,
+    track_residual: bool = False,
     accumulator_dtype: Any | None = None,
 ) -> base.GradientTransformation:
   r"""RAMDA: Regularized Adaptive Momentum Dual Averaging (ALGORITHMS.md §2).
@@ -52,7 +59,10 @@ def ramda(
     z = argmin_z <V, z - x0> + 1/2 <z - x0, P (z - x0)> + alpha * strength * psi(z)
     x <- (1 - c) x + c z
 
-  The subproblem is solved by the paper's PG solver (§6). Exact zeros appear
+  The subproblem (§6) is solved exactly for group-LASSO leaves by default
+  (``solver=None``; the paper's PG solver with ``solver="pg"``) and by the
+  paper's nuclear PG for nuclear-norm leaves (see :func:`solve_subproblem`).
+  Exact zeros appear
   in ``x`` once ``c`` reaches 1: in the last stage of the stage-wise schedule
   (``milestones``, §7) ``c`` ramps to 1, and at each milestone ``lr`` and
   ``eps`` are multiplied by ``gamma`` and the dual averages restart.
@@ -63,18 +73,34 @@ def ramda(
     opt = optax_ramda.ramda(learning_rate=0.01, strength=1e-3, regularizer=reg,
                             milestones=(30, 60), steps_per_epoch=100)
 
+  To reproduce the paper (and its reference traces) use ``solver="pg"``::
+
+    opt = optax_ramda.ramda(0.01, 1e-3, reg, solver="pg")  # rtol 1e-8, 100 its
+
   Args:
     learning_rate: ``lr`` > 0, or a schedule of the step count.
     strength: ``lambda`` >= 0 of the regularizer.
-    regularizer: ``group_lasso(...)``/``l1(...)``, or None (then RAMDA is
-      MADGRAD with momentum ``1 - c``).
+    regularizer: ``group_lasso(...)``, ``l1(...)``, ``nuclear_norm(...)``, or
+      None (then RAMDA is MADGRAD with momentum ``1 - c``).
     momentum: ``c`` in (0, 1], the interpolation weight (paper default 0.01).
     eps: > 0, added outside the cube root.
-    rtol, max_iters, min_iters: the PG solver's stopping rule.
+    rtol, max_iters, min_iters: the group PG solver's relative-decrease
+      stopping rule (paper: 1e-8, 100, 2); unused by the exact solver.
+      Nuclear leaves take theirs from ``nuclear_norm(rtol, max_iters)``.
     milestones: stage boundaries in epochs, strictly increasing (static).
     gamma: decay of lr and eps at each milestone (static).
     steps_per_epoch: steps in one epoch of ``milestones`` (static).
-    solver: ``"pg"`` or ``"pg_per_leaf"`` (static).
+    solver: the group-LASSO solver (static): ``None`` (default: ``"exact"``,
+      chosen by measurement, BENCHMARKS.md "Subproblem solvers"),
+      ``"exact"``, ``"pg"`` (the paper's) or ``"pg_fused"``. Nuclear-norm
+      leaves always use the nuclear PG, so ``solver="exact"`` with a
+      ``nuclear_norm`` regularizer is an error and ``None`` is not.
+    subgradient_tol: ``None`` or ``eps_t`` (a number or a schedule of the
+      step count): the paper's formal inexactness condition as the PG
+      solver's stopping rule (§6; see :func:`solve_subproblem`); needs
+      ``solver="pg"``.
+    track_residual: compute the PG solver's optimality residual every step
+      for the diagnostics (static bool; see :class:`SolveState`).
     accumulator_dtype: dtype of ``x0``, ``V``, ``U``; None: the params'
       (static).
 
@@ -87,7 +113,10 @@ def ramda(
   return optax.chain(
       dual_averaging(learning_rate, schedule, accumulator_dtype),
       cube_root_metric(eps, schedule, accumulator_dtype),
-      solve_subproblem(regularizer, strength, rtol, max_iters, min_iters, solver),
+      solve_subproblem(
+          regularizer, strength, rtol, max_iters, min_iters, solver, subgradient_tol,
+          track_residual,
+      ),
       interpolate(momentum, schedule),
   )
 
@@ -95,7 +124,7 @@ def ramda(
 def rmda(
     learning_rate: base.ScalarOrSchedule,
     strength: Any = 0.0,
-    regularizer: GroupLasso | None = None,
+    regularizer: Regularizer | None = None,
     momentum: Any = 0.01,
     milestones: Sequence[int] = (),
     gamma: float = 0.1,
@@ -129,7 +158,7 @@ def rmda(
 def prox_adamw(
     learning_rate: base.ScalarOrSchedule,
     strength: Any = 0.0,
-    regularizer: GroupLasso | None = None,
+    regularizer: Regularizer | None = None,
     b1: Any = 0.9,
     b2: Any = 0.999,
     eps: Any = 1e-8,
@@ -140,7 +169,9 @@ def prox_adamw(
     milestones: Sequence[int] = (),
     gamma: float = 0.1,
     steps_per_epoch: int = 1,
-    solver: str = "pg",
+    solver: str | None = None,
+    subgradient_tol: base.ScalarOrSchedule | None = None,
+    track_residual: bool = False,
     accumulator_dtype: Any | None = None,
 ) -> base.GradientTransformation:
   r"""ProxGen with AdamW moments (ALGORITHMS.md §4).
@@ -148,11 +179,39 @@ def prox_adamw(
   ``x <- argmin_z <a m, z - x> + 1/2 <z - x, D (z - x)> + lr * strength *
   psi(z)`` with ``a = lr / (1 - b1^k)``, ``D = sqrt(v) / sqrt(1 - b2^k) +
   eps``, after decoupled weight decay. Without a regularizer this is AdamW.
-  ``lr`` decays by ``gamma`` at each milestone (no restarts, no ramp).
+  ``lr`` decays by ``gamma`` at each milestone (no restarts, no ramp). The
+  subproblem (§6) is solved as in :func:`ramda`: exactly for group-LASSO
+  leaves by default, by the nuclear PG for nuclear-norm leaves.
 
   Example::
 
     opt = optax_ramda.prox_adamw(learning_rate=1e-3, strength=1e-4, regularizer=reg)
+    paper = optax_ramda.prox_adamw(1e-3, 1e-4, reg, solver="pg")  # ProxGen's PG
+
+  Args:
+    learning_rate: ``lr`` > 0, or a schedule of the step count.
+    strength: ``lambda`` >= 0 of the regularizer.
+    regularizer: ``group_lasso(...)``, ``l1(...)``, ``nuclear_norm(...)``, or
+      None (then this is AdamW).
+    b1, b2: Adam's moment decays, in [0, 1).
+    eps: > 0, added after the bias-corrected square root.
+    weight_decay: >= 0, decoupled (``x <- x (1 - lr * weight_decay)``
+      before the step).
+    rtol, max_iters, min_iters: the group PG solver's relative-decrease
+      stopping rule (paper: 1e-8, 100, 2); unused by the exact solver.
+      Nuclear leaves take theirs from ``nuclear_norm(rtol, max_iters)``.
+    milestones: epochs at which ``lr`` decays by ``gamma``, strictly
+      increasing (static).
+    gamma: the decay factor (static).
+    steps_per_epoch: steps in one epoch of ``milestones`` (static).
+    solver: the group-LASSO solver (static): ``None`` (default: ``"exact"``),
+      ``"exact"``, ``"pg"`` or ``"pg_fused"``; as in :func:`ramda`.
+    subgradient_tol: ``None`` or ``eps_t`` (a number or a schedule): the
+      paper's formal inexactness stopping rule of the PG solver; needs
+      ``solver="pg"``.
+    track_residual: compute the PG solver's optimality residual every step
+      for the diagnostics (static bool; see :class:`SolveState`).
+    accumulator_dtype: dtype of ``m``, ``v``; None: the params' (static).
 
   References:
     J. Yun, A. Lozano, E. Yang, *Adaptive Proximal Gradient Methods for
@@ -163,7 +222,10 @@ def prox_adamw(
       adam_subproblem(
           learning_rate, b1, b2, eps, weight_decay, schedule, accumulator_dtype
       ),
-      solve_subproblem(regularizer, strength, rtol, max_iters, min_iters, solver),
+      solve_subproblem(
+          regularizer, strength, rtol, max_iters, min_iters, solver, subgradient_tol,
+          track_residual,
+      ),
       interpolate(1.0),
   )
 
@@ -171,7 +233,7 @@ def prox_adamw(
 def prox_sgd(
     learning_rate: base.ScalarOrSchedule,
     strength: Any = 0.0,
-    regularizer: GroupLasso | None = None,
+    regularizer: Regularizer | None = None,
     momentum: Any = 0.1,
     milestones: Sequence[int] = (),
     gamma: float = 0.1,
@@ -202,7 +264,7 @@ def prox_sgd(
 def prox_ssi(
     learning_rate: base.ScalarOrSchedule,
     strength: Any = 0.0,
-    regularizer: GroupLasso | None = None,
+    regularizer: Regularizer | None = None,
     b1: Any = 0.9,
     b2: Any = 0.999,
     eps: Any = 1e-8,

@@ -113,6 +113,7 @@ def exact_solve(
     max_iters: Any = None,
     min_iters: Any = None,
     subgradient_tol: Any = None,
+    track_residual: bool = False,
     max_newton: int = DEFAULT_MAX_NEWTON,
 ) -> list[LeafSolution]:
   """Exact scaled group-LASSO prox for several leaves in one ``lax.while_loop``.
@@ -120,7 +121,9 @@ def exact_solve(
   ``rtol``, ``max_iters``, ``min_iters`` and ``subgradient_tol`` (the PG
   solvers' stopping rules) are accepted for a common signature and ignored:
   each group's Newton iteration stops on its own relative step, with at most
-  ``max_newton`` steps (static) for all.
+  ``max_newton`` steps (static) for all. ``track_residual`` is ignored too:
+  the residual is a by-product of the last Newton evaluation and is always
+  returned.
 
   Example::
 
@@ -131,7 +134,7 @@ def exact_solve(
   (``iterations``), ``relative_decrease = 0`` and ``residual``, the norm of
   ``t (1/||q|| - 1)`` over its groups at the last evaluation.
   """
-  del rtol, max_iters, min_iters, subgradient_tol
+  del rtol, max_iters, min_iters, subgradient_tol, track_residual
   if not problems:
     return []
   scaled, rhs = zip(*(_scale(leaf, p) for leaf, p in zip(leaves, problems)))

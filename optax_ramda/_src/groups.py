@@ -34,14 +34,25 @@ class GroupSpec:
   Attributes:
     reduce_axes: axes a group's norm runs over. Negative axes count from the
       end. ``()`` makes every entry its own group (L1).
+    tie: ``None`` (groups inside this leaf only), or a name: the leaves whose
+      specs share a tie name form *joint groups*, the ``i``-th group of each
+      (row-major over its non-reduced axes) together, with weight ``sqrt`` of
+      the joint size. Tied leaves must have the same number of groups (see
+      ``tied.py``).
 
   Example (Flax ``Dense`` kernel ``(in, out)``, input-wise groups, one per
   kernel row)::
 
     GroupSpec(reduce_axes=(1,))
+
+  Example (one joint group per head of an attention layer, across its query
+  ``(in, heads, hd)`` and out ``(heads, hd, out)`` kernels)::
+
+    {"query": GroupSpec((0, 2), tie="attn"), "out": GroupSpec((1, 2), tie="attn")}
   """
 
   reduce_axes: tuple[int, ...] = ()
+  tie: str | None = None
 
   def __post_init__(self):
     axes = self.reduce_axes
@@ -53,6 +64,8 @@ class GroupSpec:
           f"GroupSpec.reduce_axes must be integers, got {self.reduce_axes!r}."
       )
     object.__setattr__(self, "reduce_axes", axes)
+    if self.tie is not None and not isinstance(self.tie, str):
+      raise TypeError(f"GroupSpec.tie must be a name (str) or None, got {self.tie!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +88,7 @@ class GroupLeaf:
   weight: float  # sqrt(|g|), the same for every group of the leaf
   group_size: int
   num_groups: int
+  tie: str | None = None  # joint groups with the other leaves of this tie
 
   def norm(self, x: jax.Array) -> jax.Array:
     """Per-group Euclidean norm ``||x_g||`` (keepdims)."""
@@ -138,7 +152,7 @@ def group_leaf(spec: GroupSpec, leaf: Any, path: str) -> GroupLeaf:
   axes = normalize_axes(spec.reduce_axes, len(shape), path)
   size = math.prod(shape[a] for a in axes)
   groups = math.prod(s for i, s in enumerate(shape) if i not in axes)
-  return GroupLeaf(axes, math.sqrt(size), size, groups)
+  return GroupLeaf(axes, math.sqrt(size), size, groups, spec.tie)
 
 
 def _is_spec_leaf(x: Any) -> bool:
@@ -178,15 +192,12 @@ def resolve(
     # One spec for every leaf.
     s_leaves = [tree] * len(p_leaves)
   else:
-    s_leaves, s_def = jax.tree_util.tree_flatten(tree, is_leaf=_is_spec_leaf)
+    s_flat, s_def = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec_leaf)
     if s_def != p_def:
-      raise ValueError(
-          "the group spec tree does not match the params tree.\n"
-          f"  params: {p_def}\n  spec:   {s_def}\n"
-          "Give exactly one GroupSpec (regularized) or None (not regularized) "
-          "per parameter leaf, in a tree of the same structure as the params, "
-          "or pass a function params -> spec tree."
-      )
+      raise ValueError(_mismatch_message(
+          [path for path, _ in p_leaves], [path for path, _ in s_flat], p_def, s_def
+      ))
+    s_leaves = [s for _, s in s_flat]
   out = []
   for (path, p), s in zip(p_leaves, s_leaves):
     name = jax.tree_util.keystr(path)
@@ -198,7 +209,72 @@ def resolve(
       out.append(make_leaf(s, p, name))
     else:
       raise TypeError(f"unexpected group spec {s!r} for parameter {name}.")
+  from optax_ramda._src import tied  # tied.py imports this module
+
+  tied.check_ties([jax.tree_util.keystr(path) for path, _ in p_leaves], out)
   return jax.tree_util.tree_unflatten(p_def, out)
+
+
+def _mismatch_message(
+    p_paths: Sequence[tuple[Any, ...]],
+    s_paths: Sequence[tuple[Any, ...]],
+    p_def: Any,
+    s_def: Any,
+) -> str:
+  """Why a spec tree does not match the params, naming the first bad path."""
+  keystr = jax.tree_util.keystr
+  head = "the group spec tree does not match the params tree: "
+  rule = (
+      "(A spec tree has one GroupSpec or None per parameter leaf, in the params' "
+      "structure: start from jax.tree.map(lambda _: None, params); or pass a "
+      "function params -> spec tree.)"
+  )
+  p_set, s_set = set(p_paths), set(s_paths)
+
+  def below(path: tuple[Any, ...], others: Sequence[tuple[Any, ...]]) -> list[str]:
+    return [keystr(o) for o in others if len(o) > len(path) and o[: len(path)] == path]
+
+  def more(items: list[str]) -> str:
+    if len(items) < 2:
+      return ""
+    listed = ", ".join(items[1:4]) + (", ..." if len(items) > 4 else "")
+    return f" (and {len(items) - 1} more: {listed})"
+
+  for path in p_paths:
+    if path not in s_set:
+      nested = below(path, s_paths)
+      if nested:
+        return (
+            f"{head}parameter {keystr(path)} is a single array, but the spec has a "
+            f"subtree there ({', '.join(nested[:3])}). Give it one GroupSpec or None, "
+            "e.g. GroupSpec(reduce_axes=(1,)) rather than a bare tuple (1,). " + rule
+        )
+      tops = [s for s in s_paths if len(path) > len(s) and path[: len(s)] == s]
+      if tops:
+        top = tops[0]
+        return (
+            f"{head}the spec has one entry at {keystr(top)}, but the params have a "
+            f"subtree there ({', '.join(below(top, p_paths)[:3])}). Give one entry per "
+            f"leaf, e.g. jax.tree.map(lambda _: spec, params{keystr(top)}). " + rule
+        )
+      missing = [keystr(q) for q in p_paths if q not in s_set]
+      return (
+          f"{head}parameter {keystr(path)} has no entry in the spec{more(missing)}. "
+          f"Add an entry for {keystr(path)}: a GroupSpec, or None to leave it "
+          "unregularized (True/False in an l1 mask). " + rule
+      )
+  extra = [keystr(q) for q in s_paths if q not in p_set]
+  if extra:
+    return (
+        f"{head}the spec has an entry at {extra[0]}, which is not a parameter"
+        f"{more(extra)}. Remove it (check the spelling against the params' paths). " + rule
+    )
+  # Same leaf paths, different containers (e.g. a tuple for a list, a dict for a State).
+  return (
+      f"{head}the leaf paths agree but the containers differ.\n  params: {p_def}\n"
+      f"  spec:   {s_def}\nBuild the spec with the params' own container types, "
+      "e.g. jax.tree.map(lambda x: ..., params), or pass a function params -> spec tree."
+  )
 
 
 def _default_make_leaf(spec: Any, leaf: Any, path: str) -> GroupLeaf:

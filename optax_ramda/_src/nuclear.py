@@ -36,7 +36,12 @@ from optax_ramda._src import groups as groups_lib
 from optax_ramda._src import validation
 from optax_ramda._src.groups import GroupSpec, SpecLike
 from optax_ramda._src.regularizers import Regularizer
-from optax_ramda._src.solvers import LeafProblem, LeafSolution, unregularized_point
+from optax_ramda._src.solvers import (
+    NOT_MEASURED,
+    LeafProblem,
+    LeafSolution,
+    unregularized_point,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +209,11 @@ def nuclear_closed_form(leaf: NuclearLeaf, p: LeafProblem) -> LeafSolution:
 def nuclear_pg(leaf: NuclearLeaf, p: LeafProblem) -> LeafSolution:
   """Diagonal metric: the paper's PG for the nuclear norm (module docstring).
 
-  ``residual`` is 0 here (not measured: it would need one more SVD).
+  Diagnostics: ``iterations`` and ``relative_decrease`` at the stop only;
+  ``residual`` is ``solvers.NOT_MEASURED`` (-1) whenever an iteration ran
+  (the minimum-norm subgradient of ``||.||_*`` needs one more SVD and a
+  projection, which the group solvers' ``track_residual`` does not buy), and
+  0 when ``t == 0`` (``z`` is then the exact unregularized point).
   """
   t = p.threshold
   pmax = jnp.max(p.metric, initial=0)
@@ -229,7 +238,8 @@ def nuclear_pg(leaf: NuclearLeaf, p: LeafProblem) -> LeafSolution:
   carry = (jnp.zeros([], jnp.int32), z0, prev0, jnp.logical_not(t > 0), zero)
   it, z, _, _, rel = lax.while_loop(cond, body, carry)
   z = jnp.where(t > 0, z, unregularized_point(p))
-  return LeafSolution(z, it, rel, zero)
+  res = jnp.where(t > 0, jnp.asarray(NOT_MEASURED, z0.dtype), zero)
+  return LeafSolution(z, it, rel, res)
 
 
 def low_rank_level(params: Any, regularizer: Regularizer, rtol: float | None = None) -> jax.Array:

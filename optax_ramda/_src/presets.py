@@ -29,11 +29,18 @@ out ``(heads, hd, out)``    ``"head"``               ``(1, 2)``
 ==========================  =======================  =====================
 
 Attention heads: a head's weights are slices of four arrays (q, k, v, out).
-The solvers work on groups inside one array, so ``attention="head"`` gives
-each head one group *per projection* (four groups per head, each weighted by
-``sqrt`` of its own size) rather than one joint group across the four. Each
-of the four groups of a head is zeroed on its own; a head is fully removed
-when all four are zero, which :func:`head_sparsity` reports.
+``attention="head"`` gives each head *one joint group* across the four: the
+kernels of one attention module are tied (``GroupSpec(axes,
+tie=module_path)``), so head ``h``'s group is the four slices ``q[:, h]``,
+``k[:, h]``, ``v[:, h]``, ``out[h]``, its norm runs over all of them and its
+weight is ``sqrt`` of their total size ``4 * in * head_dim`` (for ``in ==
+out``). A head is zeroed as a unit, all four slices exactly zero together;
+:func:`head_sparsity` reports which heads are. With grouped-query attention
+(``num_kv_heads < num_heads``) the query and out kernels are tied per head
+and the key and value kernels per key/value head (tie ``module_path + "/kv"``).
+To get one group per head in each projection instead (four groups per head),
+override the kernels with untied specs, e.g. ``overrides={"*/query/kernel":
+GroupSpec((0, 2)), ...}``.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_ramda._src.groups import GroupSpec
 from optax_ramda._src.regularizers import GroupLasso
@@ -130,7 +138,9 @@ class _Classifier:
       if self.attention is None:
         return None
       table = ATTENTION_OUT if parent == "out" else ATTENTION_QKV
-      return GroupSpec(table[self.attention])
+      # "head": one joint group per head across q/k/v/out, tied by module path.
+      tie = "/".join(names[:-2]) if self.attention == "head" else None
+      return GroupSpec(table[self.attention], tie=tie)
     if leaf == "kernel" and module in (None, "Linear", "Dense") and len(shape) == 2:
       return None if self.dense is None else GroupSpec(DENSE[self.dense](2))
     if leaf == "kernel" and module in (None, "Conv", "ConvTranspose") and len(shape) >= 3:
@@ -143,15 +153,128 @@ class _Classifier:
     )
 
 
-def _spec_fn(classify: Callable[..., Any], module_of: Callable[[tuple[str, ...]], str | None]):
+def _spec_fn(
+    classify: Callable[..., Any],
+    module_of: Callable[[tuple[str, ...]], str | None],
+    shapes: Mapping[tuple[str, ...], tuple[int, ...]] | None = None,
+):
+  """``params -> spec tree``; ``shapes`` (path names -> global shape) arms the shard check."""
+
   def spec(params: Any) -> Any:
     def one(path, leaf):
       names = path_names(path)
-      return classify(names, tuple(np.shape(leaf)), module_of(names))
+      shape = tuple(np.shape(leaf))
+      out = classify(names, shape, module_of(names))
+      if shapes is not None and isinstance(out, GroupSpec):
+        _check_local_shape(names, shape, out, shapes.get(names))
+      return out
 
-    return jax.tree_util.tree_map_with_path(one, params)
+    return _split_kv_ties(jax.tree_util.tree_map_with_path(one, params), params)
 
   return spec
+
+
+def _global_shapes(params: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+  return {
+      path_names(path): tuple(np.shape(leaf))
+      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+
+
+def _manual_mesh_axes() -> dict[str, int]:
+  """``{axis name: size}`` of the mesh axes in manual mode (inside ``jax.shard_map``)."""
+  get = getattr(jax.sharding, "get_abstract_mesh", None)
+  if get is None:  # pragma: no cover - older jax
+    return {}
+  try:
+    mesh = get()
+    manual = tuple(getattr(mesh, "manual_axes", ()) or ())
+    return {name: int(mesh.shape[name]) for name in manual}
+  except Exception:  # pragma: no cover - no abstract mesh here
+    return {}
+
+
+def _check_local_shape(
+    names: tuple[str, ...],
+    shape: tuple[int, ...],
+    spec: GroupSpec,
+    full: tuple[int, ...] | None,
+) -> None:
+  """Refuses a per-device shard, inside ``jax.shard_map``, split along a reduce axis.
+
+  Inside ``shard_map`` each device sees its local block of a sharded
+  parameter; a group whose reduce axis is split would have its norm computed
+  over one shard only and the prox would be silently wrong. Outside
+  ``shard_map`` (``jax.jit`` with any sharding, ``pmap``, a compacted model)
+  shapes are global and nothing is checked.
+  """
+  if full is None or len(full) != len(shape) or full == shape:
+    return
+  nd = len(shape)
+  axes = sorted({a % nd for a in spec.reduce_axes if -nd <= a < nd})
+  split = [
+      a for a in axes
+      if 0 < shape[a] < full[a] and full[a] % shape[a] == 0
+  ]
+  if not split:
+    return
+  manual = _manual_mesh_axes()
+  devices = int(np.prod(list(manual.values()))) if manual else 0
+  split = [a for a in split if devices % (full[a] // shape[a]) == 0]
+  if not manual or not split:
+    return
+  path = "/".join(names)
+  where = ", ".join(f"axis {a} ({full[a]} -> {shape[a]})" for a in split)
+  raise ValueError(
+      f"parameter {path} has local shape {shape} inside jax.shard_map (manual mesh axes "
+      f"{tuple(manual)}) but shape {full} in the model the preset was built from: it is "
+      f"sharded along {where}, which its groups (reduce axes {tuple(axes)}) run over. Each "
+      "device would compute the group norms over its own shard only, so the prox would be "
+      f"silently wrong. Fix: replicate axis {split[0]} of this parameter in shard_map's "
+      f"in_specs (None at position {split[0]} of its PartitionSpec; shard an axis its groups "
+      "do not reduce over instead), or train with jax.jit and NamedSharding (FSDP-style), "
+      "where group norms cross shards correctly. "
+      "presets.check_shard_map_specs(regularizer, params, in_specs) checks the specs "
+      "before tracing."
+  )
+
+
+def _split_kv_ties(specs: Any, params: Any) -> Any:
+  """Grouped-query attention: a module's key/value kernels with fewer heads
+  than its query/out kernels get their own tie (``module path + "/kv"``)."""
+  is_spec = lambda x: x is None or isinstance(x, GroupSpec)
+
+  def preset_tie(names: tuple[str, ...], spec: Any, leaf: Any) -> bool:
+    return (
+        isinstance(spec, GroupSpec) and spec.tie is not None and len(names) >= 2
+        and names[-1] == "kernel" and names[-2] in PROJ_NAMES
+        and spec.tie == "/".join(names[:-2]) and np.ndim(leaf) == 3
+    )
+
+  def heads(names: tuple[str, ...], leaf: Any) -> int:
+    shape = np.shape(leaf)
+    return int(shape[0] if names[-2] == "out" else shape[1])
+
+  query_heads: dict[str, int] = {}
+
+  def collect(path, spec, leaf):
+    names = path_names(path)
+    if preset_tie(names, spec, leaf) and names[-2] in ("query", "out"):
+      query_heads.setdefault(spec.tie, heads(names, leaf))
+    return spec
+
+  def split(path, spec, leaf):
+    names = path_names(path)
+    if preset_tie(names, spec, leaf) and names[-2] in ("key", "value"):
+      n = query_heads.get(spec.tie)
+      if n is not None and heads(names, leaf) != n:
+        return GroupSpec(spec.reduce_axes, tie=spec.tie + "/kv")
+    return spec
+
+  jax.tree_util.tree_map_with_path(collect, specs, params, is_leaf=is_spec)
+  if not query_heads:
+    return specs
+  return jax.tree_util.tree_map_with_path(split, specs, params, is_leaf=is_spec)
 
 
 def from_params(
@@ -175,7 +298,7 @@ def from_params(
     params: the params tree (e.g. ``variables['params']`` of a Linen model).
     dense: ``"input"`` (paper, §9), ``"output"`` or None (not regularized).
     conv: ``"channel"`` (paper, §9), ``"filter"`` or None.
-    attention: ``"head"`` (per-projection head groups, see the module
+    attention: ``"head"`` (one joint group per head across q/k/v/out, see the module
       docstring), ``"input"`` or None.
     overrides: ``{pattern: GroupSpec | None | "default"}``; ``pattern`` is an
       ``fnmatch`` pattern on the ``/``-joined path of the tree the
@@ -189,7 +312,7 @@ def from_params(
     opt = optax_ramda.ramda(0.01, strength=1e-4, regularizer=reg)
   """
   classify = _Classifier(dense, conv, attention, overrides)
-  reg = GroupLasso(_spec_fn(classify, lambda names: None))
+  reg = GroupLasso(_spec_fn(classify, lambda names: None, _global_shapes(params)))
   reg.groups(params)  # raises now, naming the path, for anything unknown
   return reg
 
@@ -252,9 +375,141 @@ def from_nnx(
         return parent
     return owner
 
-  reg = GroupLasso(_spec_fn(classify, module_of))
-  reg.groups(nnx.state(model, nnx.Param))  # raises now, naming the path
+  state = nnx.state(model, nnx.Param)
+  reg = GroupLasso(_spec_fn(classify, module_of, _global_shapes(state)))
+  reg.groups(state)  # raises now, naming the path
   return reg
+
+
+def _is_spec_leaf(x: Any) -> bool:
+  return x is None or isinstance(x, (PartitionSpec, NamedSharding))
+
+
+def _mesh_names(entry: Any, sizes: Mapping[str, int]) -> tuple[str, ...]:
+  """The mesh axes (of size > 1 where known) one PartitionSpec entry shards over."""
+  if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+    return ()
+  names = entry if isinstance(entry, tuple) else (entry,)
+  return tuple(n for n in names if sizes.get(n, 2) > 1)
+
+
+def check_shard_map_specs(
+    regularizer: Any,
+    params: Any,
+    specs: Any,
+    mesh: Any | None = None,
+) -> None:
+  """Checks that ``jax.shard_map`` in_specs keep every group on one device.
+
+  Inside ``jax.shard_map`` the optimizer sees each device's local block of a
+  sharded parameter. A group whose reduce axis is sharded would have its norm
+  computed per shard, and the update would be silently wrong. (Under
+  ``jax.jit`` with ``NamedSharding`` any sharding is fine: the compiler
+  reduces group norms across devices; don't call this for that.)
+
+  The presets also catch this at trace time from the shapes they recorded;
+  this check works for every regularizer (``group_lasso``, ``l1``,
+  ``nuclear_norm``: a nuclear-norm leaf may not be sharded at all) and
+  reports every offending parameter at once, before anything is traced.
+  Leaves tied into joint groups (``GroupSpec(..., tie=name)``, e.g. the
+  attention heads of ``attention="head"``) must shard their group axes the
+  same way: sharding q/k/v/out all along the head axis keeps each head on
+  one device and is fine.
+
+  Args:
+    regularizer: the optimizer's regularizer (anything with ``.leaves``).
+    params: the global params (arrays or ``jax.ShapeDtypeStruct``).
+    specs: the params' ``in_specs`` of ``shard_map``: a tree of
+      ``PartitionSpec`` (or ``NamedSharding``, or None for replicated) that
+      is a prefix of ``params``, e.g. a single ``P()``.
+    mesh: optional ``jax.sharding.Mesh``; mesh axes of size 1 are then
+      ignored. Taken from ``NamedSharding`` leaves when they are given.
+
+  Raises:
+    ValueError: naming each parameter path whose group reduce axes are
+      sharded (with the spec that fixes it), and each tie whose leaves shard
+      their groups differently.
+
+  Example::
+
+    specs = {"fc1": {"kernel": P("model", None), "bias": P()}, "fc2": P()}
+    presets.check_shard_map_specs(reg, params, specs)
+    step = jax.shard_map(step_fn, mesh=mesh, in_specs=(specs, ...), ...)
+  """
+  from optax_ramda._src.groups import GroupLeaf, MaskedNode, Unregularized
+
+  is_masked = lambda x: isinstance(x, MaskedNode)
+  try:
+    full = jax.tree_util.tree_map(
+        lambda s, sub: jax.tree_util.tree_map(lambda _: s, sub, is_leaf=is_masked),
+        specs, params, is_leaf=_is_spec_leaf,
+    )
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "check_shard_map_specs: the specs must be a tree prefix of the params (the "
+        f"params' in_specs of jax.shard_map, e.g. P() for all of them): {e}"
+    ) from e
+  spec_leaves = jax.tree_util.tree_leaves(full, is_leaf=_is_spec_leaf)
+  reg_leaves = jax.tree_util.tree_leaves(regularizer.leaves(params), is_leaf=is_masked)
+  param_leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0]
+  problems = []
+  ties: dict[str, list[tuple[str, tuple[int, ...], tuple[tuple[str, ...], ...]]]] = {}
+  for (path, x), leaf, spec in zip(param_leaves, reg_leaves, spec_leaves):
+    if isinstance(leaf, (Unregularized, MaskedNode)):
+      continue
+    sizes = dict(mesh.shape) if mesh is not None else {}
+    if isinstance(spec, NamedSharding):
+      sizes = dict(spec.mesh.shape)
+      spec = spec.spec
+    spec = PartitionSpec() if spec is None else spec
+    shape = tuple(np.shape(x))
+    nd = len(shape)
+    reduce = leaf.reduce_axes if isinstance(leaf, GroupLeaf) else tuple(range(nd))
+    entries = list(spec) + [None] * (nd - len(spec))
+    names = [_mesh_names(e, sizes) for e in entries]
+    if getattr(leaf, "tie", None) is not None:
+      keep = [a for a in range(nd) if a not in reduce]
+      ties.setdefault(leaf.tie, []).append((
+          jax.tree_util.keystr(path),
+          tuple(shape[a] for a in keep),
+          tuple(names[a] for a in keep),
+      ))
+    bad = [(a, names[a]) for a in reduce if names[a]]
+    if bad:
+      fixed = list(entries)
+      for a, _ in bad:
+        fixed[a] = None
+      while fixed and fixed[-1] is None:
+        fixed.pop()
+      kind = (
+          f"groups reduce over axes {reduce}" if isinstance(leaf, GroupLeaf)
+          else f"its {type(leaf).__name__} regularizer needs the whole array"
+      )
+      axes = ", ".join(f"axis {a} over mesh axis {'/'.join(n)}" for a, n in bad)
+      problems.append(
+          f"  {jax.tree_util.keystr(path)} (shape {tuple(np.shape(x))}, {kind}): {spec} "
+          f"shards {axes}; use {PartitionSpec(*fixed)}"
+      )
+  for tie, members in ties.items():
+    # The i-th local group of every tied leaf must be the same joint group.
+    if len({(m[1], m[2]) for m in members}) > 1 and any(any(m[2]) for m in members):
+      listed = ", ".join(
+          f"{p} (group axes {shape}, sharded as {tuple('/'.join(n) or None for n in ns)})"
+          for p, shape, ns in members
+      )
+      problems.append(
+          f"  tie {tie!r} joins {listed}: tied leaves must shard their group axes the same "
+          "way (or not at all), so that each device holds whole joint groups"
+      )
+  if problems:
+    raise ValueError(
+        "inside jax.shard_map these specs would split groups across devices, so each "
+        "device would compute group norms from its own part only and the update would "
+        "be silently wrong:\n" + "\n".join(problems) + "\n"
+        "Fix: replicate those axes in shard_map's in_specs (shard axes the groups do not "
+        "reduce over instead, alike for tied leaves), or train with jax.jit and "
+        "NamedSharding (FSDP-style), where group norms cross shards correctly."
+    )
 
 
 def head_sparsity(params: Any, tol: float = 0.0) -> dict[str, np.ndarray]:
@@ -281,4 +536,11 @@ def head_sparsity(params: Any, tol: float = 0.0) -> dict[str, np.ndarray]:
   return out
 
 
-__all__ = ["from_nnx", "from_params", "head_sparsity", "module_types", "path_names"]
+__all__ = [
+    "check_shard_map_specs",
+    "from_nnx",
+    "from_params",
+    "head_sparsity",
+    "module_types",
+    "path_names",
+]

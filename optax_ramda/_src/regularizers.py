@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_ramda._src import groups as groups_lib
+from optax_ramda._src import tied
 from optax_ramda._src.groups import UNREGULARIZED, GroupLeaf, GroupSpec, SpecLike
 
 
@@ -48,11 +49,16 @@ class Regularizer:
     return groups_lib.resolve(self.groups, params, self.make_leaf)
 
   def value(self, params: Any) -> jax.Array:
-    """``psi(params)``, summed over all regularized leaves (no lambda)."""
-    leaves = self.leaves(params)
+    """``psi(params)``, summed over all regularized leaves (no lambda).
+
+    A joint group of tied leaves (``GroupSpec(tie=...)``) counts once, with
+    its norm over all its slices.
+    """
+    leaves, xs = _flat(self.leaves(params), params)
+    plan = tied.packing(leaves, [jnp.shape(x) for x in xs])
     terms = [
         leaf_value(leaf, x)
-        for leaf, x in zip(jax.tree.leaves(leaves), jax.tree.leaves(params))
+        for leaf, x in zip(plan.leaves, plan.pack(xs))
         if isinstance(leaf, GroupLeaf) or hasattr(leaf, "psi")
     ]
     return sum(terms, jnp.zeros([], jnp.result_type(float)))
@@ -63,13 +69,16 @@ class Regularizer:
     ``argmin_z 1/2 ||z - y||^2 + threshold * psi(z)``: each group is shrunk
     by ``threshold * sqrt(|g|)`` (block soft-thresholding), each nuclear-norm
     leaf has its singular values shrunk by ``threshold``; unregularized
-    leaves are returned unchanged.
+    leaves are returned unchanged. A joint group of tied leaves is shrunk as
+    one block (its norm over all its slices, threshold times ``sqrt`` of its
+    total size).
     """
-    return jax.tree.map(
-        lambda leaf, y: shrink_leaf(leaf, y, threshold),
-        self.leaves(params),
-        params,
-    )
+    leaves_tree = self.leaves(params)
+    leaves, ys = _flat(leaves_tree, params)
+    plan = tied.packing(leaves, [jnp.shape(y) for y in ys])
+    zs = [shrink_leaf(leaf, y, threshold) for leaf, y in zip(plan.leaves, plan.pack(ys))]
+    zs = [z.astype(jnp.result_type(y)) for z, y in zip(plan.unpack(zs), ys)]
+    return jax.tree.structure(leaves_tree).unflatten(zs)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -90,6 +99,12 @@ class GroupLasso(Regularizer):
   """
 
   groups: SpecLike
+
+
+def _flat(leaves_tree: Any, params: Any) -> tuple[list[Any], list[Any]]:
+  """The resolved leaves and the params leaves, flat and aligned."""
+  leaves, treedef = jax.tree.flatten(leaves_tree)
+  return leaves, treedef.flatten_up_to(params)
 
 
 def leaf_value(leaf: Any, x: jax.Array) -> jax.Array:

@@ -6,9 +6,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from optax._src import base
 
-from optax_ramda._src import nuclear, solvers, validation
+from optax_ramda._src import nuclear, solvers, tied, validation
 from optax_ramda._src.groups import UNREGULARIZED, GroupLeaf
 from optax_ramda._src.regularizers import Regularizer
 from optax_ramda._src.subproblem import Subproblem
@@ -18,23 +19,34 @@ class SolveState(NamedTuple):
   """Solver diagnostics of the last step, one scalar per parameter leaf.
 
   Read them with ``optax.tree_utils.tree_get``, e.g.
-  ``optax.tree_utils.tree_get(opt_state, "residual")`` gives a tree like the
-  params. They are a by-product of the solve (the exact solver's residual
-  comes from its last Newton evaluation; the PG solvers add one elementwise
-  pass per step for it), so reading them costs nothing.
+  ``optax.tree_utils.tree_get(opt_state, "iterations")`` gives a tree like the
+  params. ``iterations`` and ``relative_decrease`` are by-products of every
+  solve, and so is the exact solver's ``residual``; the PG solvers' residual
+  costs one more elementwise pass with group reductions per step and is
+  computed only on request (``track_residual=True``) or when it is the
+  stopping quantity (``subgradient_tol``). Unread, the diagnostics cost a few
+  scalars of state.
 
   Attributes:
     iterations: solver iterations used for each leaf at the last step: PG
-      sweeps, or for ``solver="exact"`` the Newton steps of the leaf's slowest
+      sweeps, or for the exact solver the Newton steps of the leaf's slowest
       group. 0 for unregularized leaves, closed-form leaves and leaves whose
       groups were all screened.
-    relative_decrease: PG: ``(prev - cur) / (|cur| + 1)`` at the stop (0
-      where no iteration ran, and for the exact solver).
+    relative_decrease: PG (group and nuclear): ``(prev - cur) / (|cur| + 1)``
+      at the stop, the quantity of the paper's stopping test (0 where no
+      iteration ran, and for the exact solver).
     residual: how far the returned ``z`` is from optimal: the norm of the
       minimum-norm subgradient of the subproblem objective ``Q`` at ``z``
       (ALGORITHMS.md §6; 0 at the exact solution), summed over groups in
-      quadrature. Same units as ``V``. 0 for closed-form leaves, unregularized
-      leaves and nuclear-norm leaves (not measured there).
+      quadrature, in the units of ``V``. Always measured by the exact solver
+      (from its last Newton evaluation); 0 for closed-form leaves (scalar
+      metric), unregularized leaves and leaves needing no iteration (all
+      groups screened). ``-1`` (``solvers.NOT_MEASURED``; a norm is never
+      negative, and -1 keeps the state finite, unlike NaN, which would trip
+      ``jax_debug_nans``) where it was not measured: PG leaves without
+      ``track_residual`` or ``subgradient_tol``, nuclear-norm PG leaves
+      (which report only ``relative_decrease``), and every leaf before the
+      first step.
     solve_count: number of solves so far (scalar int32); the argument of a
       ``subgradient_tol`` schedule.
   """
@@ -56,53 +68,91 @@ def solve_subproblem(
     rtol: Any = 1e-8,
     max_iters: Any = 100,
     min_iters: Any = 2,
-    solver: str = "pg",
+    solver: str | None = None,
     subgradient_tol: base.ScalarOrSchedule | None = None,
+    track_residual: bool = False,
 ) -> base.GradientTransformation:
   r"""Solves the :class:`Subproblem` passed in and outputs ``z`` (not updates).
 
-  For each leaf, with threshold ``t = scale * strength * sqrt(|g|)``:
+  For each leaf, with threshold ``t = scale * strength * sqrt(|g|)``, the
+  minimiser of (ALGORITHMS.md §6)
+
+  .. math::
+
+    Q(z) = \langle V, z - x_0 \rangle + \tfrac12 \langle z - x_0, P (z - x_0)
+    \rangle + t \sum_g \|z_g\|
+
+  is found as follows:
 
   * unregularized leaf, or ``t == 0``: ``z = centre - linear / metric``;
   * scalar metric (RMDA, ProxSGD): closed-form block soft-thresholding;
-  * diagonal metric (RAMDA, ProxGen), group-LASSO leaf: ``solver``;
-    ``"pg"`` is the paper's proximal-gradient solver (ALGORITHMS.md §6, see
-    ``solvers.pg_solve``) with stopping hyperparameters ``rtol``,
-    ``max_iters``, ``min_iters``; ``"exact"`` is the exact scaled prox
-    (screening + Newton on the secular equation, ``exact.exact_solve``),
-    which ignores them;
+  * diagonal metric (RAMDA, ProxGen), group-LASSO leaf: the group solver
+    named by ``solver``. ``"exact"`` is the exact scaled prox (screening +
+    Newton on the secular equation, §6 "Exact solution",
+    ``exact.exact_solve``), which ignores ``rtol``, ``max_iters`` and
+    ``min_iters``; ``"pg"`` is the paper's proximal-gradient solver (§6,
+    ``solvers.pg_solve``) with those stopping hyperparameters. ``None`` (the
+    default) means ``"exact"``: it was measured faster per solve than the
+    paper's PG at its settings and about six orders of magnitude more
+    accurate (BENCHMARKS.md, "Subproblem solvers"). Use ``"pg"`` to
+    reproduce the paper (the reference traces are its semantics);
   * nuclear-norm leaf (:func:`nuclear_norm`): closed-form SVD prox with a
-    scalar metric, the paper's nuclear PG with a diagonal one (its stopping
-    rule is set on the regularizer).
+    scalar metric, the paper's nuclear PG (§6 "Nuclear norm") with a diagonal
+    one, whatever ``solver`` names (there is no exact nuclear solver; its
+    stopping rule ``rtol``, ``max_iters`` is set on the regularizer,
+    ``nuclear_norm(rtol=1e-3, max_iters=5)``). So with the default
+    ``solver=None`` a :func:`nuclear_norm` regularizer works as is (its
+    :class:`GroupSpec` leaves, if any, get the exact solver); an explicit
+    ``solver="exact"`` with a nuclear norm is an error, because it asks for
+    a group solver on a regularizer it does not fit.
 
   Follow it with :func:`interpolate`, which turns ``z`` into updates.
 
-  Stopping rules of the PG solvers. By default (``subgradient_tol=None``)
+  Stopping rules of the group PG solvers. By default (``subgradient_tol=None``)
   the paper's experiments' rule: relative decrease of ``Q`` below ``rtol``.
   With ``subgradient_tol = eps_t`` (a number or a schedule of the solve count
   ``t``), the paper's formal inexactness condition (§6): stop once the
   minimum-norm subgradient of ``Q`` at ``z`` has norm ``<= eps_t`` and
   ``Q(z) <= Q(warm start)``, or at ``max_iters``. Prefer it when you rely on
   the convergence/identification theory (use a square-summable schedule, e.g.
-  :func:`inexact.summable_tolerance`) or want a tolerance in the units of the
+  :func:`summable_tolerance`) or want a tolerance in the units of the
   gradient rather than of ``Q``; note the scale of ``Q`` grows with ``alpha``
   in RAMDA, so a fixed ``eps_t`` gets harder to meet as training goes on.
+  It needs ``solver="pg"`` (or ``"pg_fused"``); nuclear leaves keep their
+  own relative-decrease rule.
+
+  Diagnostics are in the returned :class:`SolveState` (read them with
+  ``optax.tree_utils.tree_get``); see there for when ``residual`` is measured.
 
   Example::
 
-    solve = optax_ramda.solve_subproblem(reg, strength=1e-3, solver="exact")
+    solve = optax_ramda.solve_subproblem(reg, strength=1e-3)  # exact solver
+    paper = optax_ramda.solve_subproblem(reg, strength=1e-3, solver="pg")
 
   Args:
     regularizer: a regularizer (``group_lasso``, ``l1``, ``nuclear_norm``),
       or ``None`` for no regularizer. (``static_args``.)
     strength: ``lambda`` (>= 0), a schedulable hyperparameter.
-    rtol: relative-decrease stopping tolerance (>= 0).
-    max_iters: iteration cap per step (>= 1).
-    min_iters: iterations before the first stopping test (the paper: 2).
-    solver: ``"pg"`` (one fused loop for all leaves), ``"pg_per_leaf"`` (one
-      loop per leaf) or ``"exact"``. (``static_args``.)
+    rtol: relative-decrease stopping tolerance of the group PG solvers (>= 0).
+    max_iters: their iteration cap per step (>= 1).
+    min_iters: their iterations before the first stopping test (the paper: 2).
+    solver: the group-LASSO solver for a diagonal metric: ``None`` (default,
+      the exact solver), ``"exact"``, ``"pg"`` (the paper's solver, one
+      ``while_loop`` per leaf) or ``"pg_fused"`` (the same, all leaves in one
+      loop: compiles faster, runs slower; BENCHMARKS.md "Solver loop layout").
+      (A string or None: kept static by ``inject_hyperparams``.)
     subgradient_tol: ``None``, or ``eps_t`` for the formal stopping rule of
-      the PG solvers (a number >= 0 or a schedule).
+      the PG solvers (a number >= 0 or a schedule of the solve count).
+    track_residual: a Python bool (static: ``inject_hyperparams`` keeps bools
+      static). ``True`` makes the PG solvers compute ``residual`` at every
+      step (one more elementwise pass with reductions); it is computed anyway
+      when ``subgradient_tol`` is set, and always by the exact solver.
+
+  Raises:
+    ValueError: ``solver="exact"`` with a nuclear norm; ``subgradient_tol``
+      without a PG solver; negative ``strength``, ``rtol`` or
+      ``subgradient_tol``; ``max_iters < 1``; an unknown solver name.
+    TypeError: ``solver`` not a name; ``track_residual`` not a bool.
 
   References:
     Huang & Lee, NeurIPS 2024, arXiv:2403.14398, Algorithm 2 and §6 of
@@ -118,26 +168,35 @@ def solve_subproblem(
         "regularizer must be made by optax_ramda.group_lasso, optax_ramda.l1 or "
         f"optax_ramda.nuclear_norm, got {regularizer!r}."
     )
-  if not isinstance(solver, str):
+  if solver is not None and not isinstance(solver, str):
     raise TypeError(
-        f"solver must be a name, one of {sorted(solvers.SOLVERS)}, got {solver!r}."
+        f"solver must be a name or None, one of {sorted(solvers.SOLVERS)}, got {solver!r}."
+    )
+  if not isinstance(track_residual, (bool, np.bool_)):
+    raise TypeError(
+        "track_residual must be a Python bool (it decides what is computed, so it is "
+        f"static), got {track_residual!r}."
     )
   if solver == "exact" and isinstance(regularizer, nuclear.NuclearNorm):
     raise ValueError(
         "solver='exact' solves the group LASSO only and does not fit the nuclear norm. "
-        "Use solver='pg' (nuclear leaves then use the nuclear PG solver configured by "
-        "optax_ramda.nuclear_norm(rtol=..., max_iters=...))."
+        "Leave solver=None (nuclear leaves use the nuclear PG solver configured by "
+        "optax_ramda.nuclear_norm(rtol=..., max_iters=...), group leaves the exact "
+        "solver) or use solver='pg'."
     )
-  if solver == "exact" and subgradient_tol is not None:
+  if solver in (None, "exact") and subgradient_tol is not None:
     raise ValueError(
-        "subgradient_tol is a stopping rule of the PG solvers; solver='exact' has none. "
-        "Use solver='pg' or leave subgradient_tol=None."
+        "subgradient_tol is a stopping rule of the PG solvers; the "
+        f"{'default (exact)' if solver is None else 'exact'} solver has none. "
+        "Pass solver='pg' with it, or leave subgradient_tol=None."
     )
   if regularizer is None and validation.concrete_float(strength):
     raise ValueError(
         "strength > 0 was given without a regularizer. Pass "
         "regularizer=optax_ramda.group_lasso(spec) (or l1())."
     )
+  if solver is None:
+    solver = solvers.DEFAULT_SOLVER
   if solver not in solvers.SOLVERS:
     raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(solvers.SOLVERS)}.")
   solve_many = solvers.SOLVERS[solver]
@@ -149,11 +208,11 @@ def solve_subproblem(
 
   def init_fn(params):
     leaf_tree(params)  # validates the regularizer against the params
-    zeros = lambda x: jnp.zeros([], compute_dtype(jnp.result_type(x)))
+    full = lambda value: lambda x: jnp.full([], value, compute_dtype(jnp.result_type(x)))
     return SolveState(
         iterations=jax.tree.map(lambda _: jnp.zeros([], jnp.int32), params),
-        relative_decrease=jax.tree.map(zeros, params),
-        residual=jax.tree.map(zeros, params),
+        relative_decrease=jax.tree.map(full(0), params),
+        residual=jax.tree.map(full(solvers.NOT_MEASURED), params),
         solve_count=jnp.zeros([], jnp.int32),
     )
 
@@ -166,6 +225,7 @@ def solve_subproblem(
         treedef.flatten_up_to(f)
         for f in (sub.centre, sub.linear, sub.metric, sub.warm_start)
     ]
+    leaves, fields, unpack = tied.pack_problem(leaves, fields)  # joint groups (tie)
     results: list[solvers.LeafSolution | None] = [None] * len(leaves)
     pending, pending_leaves, pending_idx = [], [], []
     for i, (leaf, x0, v, p, w) in enumerate(zip(leaves, *fields)):
@@ -197,9 +257,12 @@ def solve_subproblem(
     tol = subgradient_tol
     if callable(tol):
       tol = tol(state.solve_count)
-    sols = solve_many(pending_leaves, pending, rtol, max_iters, min_iters, tol)
+    sols = solve_many(
+        pending_leaves, pending, rtol, max_iters, min_iters, tol, bool(track_residual)
+    )
     for i, sol in zip(pending_idx, sols):
       results[i] = sol
+    results = unpack(results)
     z = treedef.unflatten([r.z for r in results])
     new_state = SolveState(
         iterations=treedef.unflatten([r.iterations for r in results]),

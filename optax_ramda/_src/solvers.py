@@ -22,14 +22,17 @@ with the exact semantics of the reference traces:
 7. with ``t == 0`` (no strength) the leaf is unregularized:
    ``z = x0 - V / P``.
 
-Loop layout. All leaves share one ``lax.while_loop`` whose carry holds a
-``done`` flag per leaf; a finished leaf is frozen with ``jnp.where`` and keeps
-its bits, so each leaf's result is exactly what its own loop would give. The
-alternative, one ``while_loop`` per leaf, was measured (``loop="per_leaf"``,
-see BENCHMARKS.md "Solver loop layout"): the fused loop compiles faster for
-many leaves and runs no slower at the paper's settings, because XLA runs
-each per-leaf loop sequentially with its own loop overhead, while the fused
-body lets XLA fuse the leaves' elementwise work.
+Loop layout. Each leaf stops on its own in either of two layouts, with the
+same bits per leaf: :func:`pg_solve_per_leaf` runs one ``lax.while_loop`` per
+leaf (``solver="pg"``); :func:`pg_solve` runs all leaves in one
+``lax.while_loop`` whose carry holds a ``done`` flag per leaf, a finished
+leaf being frozen with ``jnp.where`` (``solver="pg_fused"``). Measured in
+BENCHMARKS.md "Solver loop layout" (60, 200 and 8 leaves, paper settings):
+per-leaf loops ran 1.1-2.3x faster per update and compiled 1.1-1.7x slower.
+The fused loop does every leaf's arithmetic until the slowest leaf stops and
+streams all leaves through memory on every sweep; a per-leaf loop sweeps one
+leaf's arrays, which stay in cache, only until that leaf stops. Run time is
+paid every step and compile time once, so ``"pg"`` is per leaf.
 """
 
 from __future__ import annotations
@@ -54,18 +57,36 @@ class LeafProblem(NamedTuple):
   threshold: jax.Array  # t (scalar): scale * strength * sqrt(|g|)
 
 
+NOT_MEASURED = -1.0
+"""The ``residual`` of a leaf whose optimality residual was not computed.
+
+A norm is never negative, so -1 cannot be mistaken for a measurement; it is
+finite, so optimizer states stay finite (``jax_debug_nans`` and
+``chex.assert_tree_all_finite`` on the state keep working).
+"""
+
+
 class LeafSolution(NamedTuple):
   """A solver's answer for one leaf, with diagnostics."""
 
   z: jax.Array
   iterations: jax.Array  # int32 scalar
   relative_decrease: jax.Array  # scalar; (prev - cur) / (|cur| + 1) at the stop
-  residual: jax.Array  # scalar; norm of the minimum-norm subgradient of Q at z
+  # scalar; norm of the minimum-norm subgradient of Q at z, or NOT_MEASURED
+  residual: jax.Array
 
 
 def unregularized_point(p: LeafProblem) -> jax.Array:
-  """``y = x0 - V / P``: the subproblem's solution without regularizer."""
-  return p.centre - p.linear / p.metric
+  """``y = x0 - V / P``: the subproblem's solution without regularizer.
+
+  The metric is positive (ALGORITHMS.md §6), so ``|P| == P`` bit for bit; the
+  ``abs`` only hides from XLA that ``P`` may end in a division (the fast cube
+  root of RAMDA's metric does, by design): its simplifier rewrites
+  ``V / (B / C)`` as ``(V * C) / B``, which made every pass that reads ``P``
+  recompute the cube root from its intermediates, stored as three extra
+  full-size temporaries (BENCHMARKS.md, "Profile").
+  """
+  return p.centre - p.linear / jnp.abs(p.metric)
 
 
 def subgradient_norm(leaf: GroupLeaf, p: LeafProblem, z: jax.Array) -> jax.Array:
@@ -126,6 +147,7 @@ def pg_solve(
     max_iters: Any,
     min_iters: Any,
     subgradient_tol: Any = None,
+    track_residual: bool = False,
 ) -> list[LeafSolution]:
   """The paper's PG solver for several leaves in one ``lax.while_loop``.
 
@@ -138,6 +160,16 @@ def pg_solve(
   ``Q`` because 0 minimises each screened group's part), or at ``max_iters``.
   ``rtol`` is then unused. The returned point is always post-prox, so zeros
   are exact.
+
+  Diagnostics per leaf: ``iterations`` (sweeps), ``relative_decrease`` at the
+  stop (free: the stopping quantity of the default rule) and ``residual``,
+  ``subgradient_norm`` at the returned ``z``. The residual costs an extra
+  elementwise pass with group reductions, so it is computed only when asked
+  (``track_residual=True``, static) or when it is the stopping quantity
+  (``subgradient_tol`` set: then it is the value of the last stopping test,
+  no extra pass). Otherwise it is :data:`NOT_MEASURED` (-1), except on leaves
+  that needed no iteration (every group screened, or ``t == 0``), whose ``z``
+  is exact: 0 there.
   """
   if not problems:
     return []
@@ -146,47 +178,64 @@ def pg_solve(
   n = len(problems)
   iters = tuple(jnp.zeros([], jnp.int32) for _ in range(n))
   rels = tuple(jnp.zeros([], prev.dtype) for prev in prevs)
+  # The residual at z, carried only when it is the stopping quantity. Leaves
+  # done before the first sweep are exact (all screened, or t == 0): 0.
+  ress = tuple(jnp.zeros([], prev.dtype) for prev in prevs)
 
   def cond(carry):
-    _, _, _, done, _, _ = carry
+    done = carry[3]
     return jnp.logical_not(jnp.all(jnp.stack(done)))
 
   def body(carry):
-    i, zs, prevs, dones, iters, rels = carry
+    i, zs, prevs, dones, iters, rels, ress = carry
     i1 = i + 1
-    out = ([], [], [], [], [])
-    for leaf, p, s, z, prev, done, it, rel, start in zip(
-        leaves, problems, setups, zs, prevs, dones, iters, rels, starts
+    out = ([], [], [], [], [], [])
+    for leaf, p, s, z, prev, done, it, rel, res, start in zip(
+        leaves, problems, setups, zs, prevs, dones, iters, rels, ress, starts
     ):
       z_new, cur = _pg_step(leaf, p, s, z)
       rel_new = (prev - cur) / (jnp.abs(cur) + 1)
       if subgradient_tol is None:
         small = rel_new < rtol
+        res_new = res
       else:
-        small = (subgradient_norm(leaf, p, z_new) <= subgradient_tol) & (cur <= start)
+        res_new = subgradient_norm(leaf, p, z_new)
+        small = (res_new <= subgradient_tol) & (cur <= start)
       stop = ((i1 >= min_iters) & small) | (i1 >= max_iters)
       out[0].append(jnp.where(done, z, z_new))
       out[1].append(jnp.where(done, prev, cur))
       out[2].append(done | stop)
       out[3].append(jnp.where(done, it, i1))
       out[4].append(jnp.where(done, rel, rel_new))
+      out[5].append(jnp.where(done, res, res_new))
     return (i1, *(tuple(o) for o in out))
 
-  carry = (jnp.zeros([], jnp.int32), tuple(zs), tuple(prevs), tuple(dones), iters, rels)
-  _, zs, _, _, iters, rels = lax.while_loop(cond, body, carry)
+  carry = (jnp.zeros([], jnp.int32), tuple(zs), tuple(prevs), tuple(dones), iters, rels, ress)
+  _, zs, _, _, iters, rels, ress = lax.while_loop(cond, body, carry)
   sols = []
-  for leaf, s, p, z, it, rel in zip(leaves, setups, problems, zs, iters, rels):
+  for leaf, s, p, z, it, rel, res, done0 in zip(
+      leaves, setups, problems, zs, iters, rels, ress, dones
+  ):
     z = jnp.where(s.active, z, unregularized_point(p))
-    sols.append(LeafSolution(z, it, rel, subgradient_norm(leaf, p, z)))
+    if subgradient_tol is None:
+      if track_residual:
+        res = subgradient_norm(leaf, p, z)
+      else:
+        res = jnp.where(done0, 0, jnp.asarray(NOT_MEASURED, res.dtype))
+    sols.append(LeafSolution(z, it, rel, res))
   return sols
 
 
 def pg_solve_per_leaf(
-    leaves, problems, rtol, max_iters, min_iters, subgradient_tol=None
+    leaves, problems, rtol, max_iters, min_iters, subgradient_tol=None, track_residual=False
 ) -> list[LeafSolution]:
-  """The same solver with one ``lax.while_loop`` per leaf (for comparison)."""
+  """The same solver with one ``lax.while_loop`` per leaf (``solver="pg"``).
+
+  Each leaf's result is bit-identical to :func:`pg_solve`'s; see the module
+  docstring ("Loop layout") for why this is the default layout.
+  """
   return [
-      pg_solve([leaf], [p], rtol, max_iters, min_iters, subgradient_tol)[0]
+      pg_solve([leaf], [p], rtol, max_iters, min_iters, subgradient_tol, track_residual)[0]
       for leaf, p in zip(leaves, problems)
   ]
 
@@ -210,6 +259,12 @@ def _exact(*args, **kwargs):
   return exact.exact_solve(*args, **kwargs)
 
 
-SOLVERS = {"pg": pg_solve, "pg_per_leaf": pg_solve_per_leaf, "exact": _exact}
+SOLVERS = {"pg": pg_solve_per_leaf, "pg_fused": pg_solve, "exact": _exact}
 """Diagonal-metric group-LASSO solvers by name: ``f(leaves, problems, rtol,
-max_iters, min_iters, subgradient_tol=None) -> [LeafSolution]``."""
+max_iters, min_iters, subgradient_tol=None, track_residual=False) ->
+[LeafSolution]``."""
+
+DEFAULT_SOLVER = "exact"
+"""The group-LASSO solver of ``solver=None`` (measured in BENCHMARKS.md,
+"Subproblem solvers": faster per solve than the paper's PG at its settings
+and about six orders of magnitude more accurate)."""

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from optax_ramda._src import tied
 from optax_ramda._src.groups import GroupLeaf
 from optax_ramda._src.regularizers import GroupLasso
 
@@ -41,17 +42,30 @@ class StructureReport(NamedTuple):
 
 
 def structure(params: Any, regularizer: GroupLasso) -> StructureReport:
-  """Measures :class:`StructureReport` (jit-able; returns arrays)."""
-  leaves = regularizer.leaves(params)
-  flat_leaves = jax.tree.leaves(leaves)
-  flat_params = jax.tree_util.tree_leaves_with_path(params)
+  """Measures :class:`StructureReport` (jit-able; returns arrays).
+
+  A joint group of tied leaves (``GroupSpec(tie=...)``) is zero iff all its
+  slices are, and counts once in ``group_sparsity``. Its leaves still get
+  their own ``per_leaf`` entries, each with its own ``num_groups`` and
+  ``group_size`` (its slices) and ``zero_groups`` the number of its slices
+  that lie in all-zero joint groups.
+  """
+  leaves_tree = regularizer.leaves(params)
+  flat_leaves, treedef = jax.tree.flatten(leaves_tree)
+  flat_params = treedef.flatten_up_to(params)
+  paths = [
+      jax.tree_util.keystr(path)
+      for path, _ in jax.tree_util.tree_flatten_with_path(leaves_tree)[0]
+  ]
+  plan = tied.packing(flat_leaves, [jnp.shape(x) for x in flat_params])
   per_leaf = {}
   zero_w = zero_g = total_w = total_g = 0
   zero_entries, total_entries = 0, 0
-  for leaf, (path, x) in zip(flat_leaves, flat_params):
-    zeros = jnp.sum(x == 0)
-    zero_entries = zero_entries + zeros
+  zeros = [jnp.sum(x == 0) for x in flat_params]
+  for x, z in zip(flat_params, zeros):
+    zero_entries = zero_entries + z
     total_entries += x.size
+  for leaf, x, idx in zip(plan.leaves, plan.pack(flat_params), plan.members):
     if not isinstance(leaf, GroupLeaf):
       continue
     if leaf.reduce_axes:
@@ -59,9 +73,11 @@ def structure(params: Any, regularizer: GroupLasso) -> StructureReport:
     else:
       zero_group = x == 0
     zg = jnp.sum(zero_group)
-    per_leaf[jax.tree_util.keystr(path)] = LeafStructure(
-        zg, leaf.num_groups, leaf.group_size, zeros, x.size
-    )
+    for i in idx:
+      member = flat_leaves[i]
+      per_leaf[paths[i]] = LeafStructure(
+          zg, member.num_groups, member.group_size, zeros[i], flat_params[i].size
+      )
     zero_w = zero_w + zg * leaf.group_size
     total_w += leaf.num_groups * leaf.group_size
     zero_g = zero_g + zg
