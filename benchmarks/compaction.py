@@ -231,7 +231,12 @@ def summary_line(rep: dict[str, Any]) -> str:
   else:
     fewer = f"{100 * (1 - c['params'] / o['params']):.0f}% fewer parameters"
   k = c["latency_s"] / o["latency_s"]
-  lat = f"latency x{k:.2f} ({1 / k:.1f}x faster)" if k < 1 else f"latency x{k:.2f}"
+  if k < 0.95:
+    lat = f"latency x{k:.2f} ({1 / k:.1f}x faster)"
+  elif k > 1.05:
+    lat = f"latency x{k:.2f} ({k:.1f}x slower)"
+  else:
+    lat = f"latency x{k:.2f} (no faster)"
   same = o["accuracy"] == c["accuracy"]  # the same number of correct validation images
   acc = (f"same accuracy ({c['accuracy']:.1f}% vs {o['accuracy']:.1f}%)" if same else
          f"accuracy {c['accuracy']:.1f}% vs {o['accuracy']:.1f}% (compact vs original)")
