@@ -69,16 +69,16 @@ def test_update_has_no_host_transfers_and_compiles_once(name):
   params, grads, state = jax.device_put((params, grads, state), dev)
   traces = []
 
-  def step(g, s, p):
+  def step(p, s, g):
     traces.append(1)  # runs only while tracing
     u, s = opt.update(g, s, p)
     return optax.apply_updates(p, u), s
 
-  step = jax.jit(step, donate_argnums=(1, 2))
+  step = jax.jit(step, donate_argnums=(0, 1))  # donated in output order
   iterations = []
   with jax.transfer_guard("disallow"):
     for g in grads:
-      params, state = step(g, state, params)
+      params, state = step(params, state, g)
       iterations.append(optax.tree_utils.tree_get(state, "iterations", default=None))
   assert len(traces) == 1, f"traced {len(traces)} times"
   assert step._cache_size() == 1

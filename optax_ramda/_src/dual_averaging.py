@@ -99,8 +99,16 @@ def dual_averaging(
     alpha = alpha0 + y
     comp = (alpha - alpha0) - y
 
-    centre = jax.tree.map(
-        lambda c, x: jnp.where(restart, x.astype(c.dtype), c), state.centre, params
+    # x0 changes only at a restart: a scalar branch, not an elementwise
+    # select, so the other steps do not read x and x0 and write x0 back (with
+    # the state donated, the untaken branch is the old buffer, no copy). The
+    # averages' resets below are selects fused into the passes that write V
+    # and U anyway, so they cost no extra memory traffic (BENCHMARKS.md,
+    # "Profile").
+    centre = jax.lax.cond(
+        restart,
+        lambda: jax.tree.map(lambda c, x: x.astype(c.dtype), state.centre, params),
+        lambda: state.centre,
     )
     sum_grad = jax.tree.map(
         lambda v, g: jnp.where(restart, 0, v) + s.astype(v.dtype) * g.astype(v.dtype),

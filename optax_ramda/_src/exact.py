@@ -23,7 +23,9 @@ left of the root climbs monotonically to it. We start at the lower bound
 ``rh0 = 1 - tau`` (from ``||q(rh)|| >= 1 / (rh + tau)``), which is the root
 itself when all ``p_i`` are equal (then 0 Newton steps), and is near 0
 exactly at the screening boundary, where the root is near 0 too: no
-cancellation-prone division by a tiny root is ever made. The Newton step is
+cancellation-prone division by a tiny root is ever made. (A tighter start,
+Jensen's bound ``(1 - tau) / sum_i u_i^2 ph_i``, saved one Newton evaluation
+on the benchmark data but cost as much in its extra reduction: not used.) The Newton step is
 ``rh += S2 (sqrt(S2) - 1) / S3`` with ``S2 = sum q_i^2`` and
 ``S3 = sum q_i^2 ph_i / (ph_i rh + tau)``. A group stops on its own when its
 step is not larger than ``4 eps_machine * rh`` (never on ``phi == 0``), and
@@ -42,11 +44,13 @@ nothing extra.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from optax_ramda._src.groups import GroupLeaf
@@ -56,34 +60,61 @@ DEFAULT_MAX_NEWTON = 40
 
 
 class _Scaled(NamedTuple):
-  u: jax.Array  # b / ||b|| (full shape)
-  ph: jax.Array  # p / pmax (full shape)
+  """One leaf's scaled problem: full-size inputs and per-group scalars only.
+
+  ``u = b / ||b||`` and ``ph = p / pmax`` are never stored: every pass
+  multiplies ``b`` and ``p`` by per-group factors inside its own fusion.
+  Storing them cost two full-size temporaries (and ``b / pmax`` a third) and
+  a full-size write each (BENCHMARKS.md, "Profile").
+  """
+
+  b: jax.Array  # P * x0 - V (full shape)
+  p: jax.Array  # P (full shape)
+  inv_nb: jax.Array  # 1 / ||b|| per group (keepdims), 0 where not kept
+  inv_pmax: jax.Array  # 1 / pmax per group (keepdims)
   tau: jax.Array  # t / ||b|| per group (keepdims)
   keep: jax.Array  # per group: ||b|| > t and t > 0
-  b_over_pmax: jax.Array  # full shape
 
 
-def _scale(leaf: GroupLeaf, p: LeafProblem) -> tuple[_Scaled, jax.Array]:
-  t = p.threshold
-  b = p.metric * p.centre - p.linear
+def _scale(leaf: GroupLeaf, b: jax.Array, p: jax.Array, t: jax.Array
+           ) -> tuple[_Scaled, jax.Array]:
+  """Per-group scalars of ``b = P x0 - V`` and ``P`` (``t`` broadcasts)."""
   nb = leaf.norm(b)
   keep = (nb > t) & (t > 0)
   # Per-group reciprocals, so the full-size arrays need multiplies only.
   inv_nb = jnp.where(keep, 1 / jnp.where(keep, nb, 1), 0)
-  pmax = leaf.max(p.metric)
+  pmax = leaf.max(p)
   inv_pmax = 1 / jnp.where(pmax > 0, pmax, 1)
   tau = jnp.where(keep, t * inv_nb, 1)
   rh0 = jnp.where(keep, 1 - tau, 0)
-  return _Scaled(b * inv_nb, p.metric * inv_pmax, tau, keep, b * inv_pmax), rh0
+  return _Scaled(b, p, inv_nb, inv_pmax, tau, keep), rh0
+
+
+def _stacked(leaf: GroupLeaf, n: int) -> GroupLeaf:
+  """The grouping of ``n`` same-shape leaves stacked on a new leading axis."""
+  return dataclasses.replace(
+      leaf, reduce_axes=tuple(a + 1 for a in leaf.reduce_axes), num_groups=n * leaf.num_groups
+  )
 
 
 def _secular(leaf: GroupLeaf, s: _Scaled, rh: jax.Array):
-  w = 1 / (s.ph * rh + s.tau)
-  q = s.u * w
+  """``S2 = sum q^2`` and ``S3 = sum q^2 ph / (ph rh + tau)`` per group.
+
+  Written so that every full-size operation depends on ``rh`` (the per-group
+  factors ``rh / pmax``, ``1 / ||b||`` and ``1 / pmax`` multiply full-size
+  loop-variant values): XLA's loop-invariant code motion would otherwise
+  hoist ``u = b / ||b||`` and ``ph = p / pmax`` out of the loop as two
+  full-size temporaries. Both sums come from one reduction over a stacked
+  pair, which XLA's CPU backend runs as a single fast reduction; two separate
+  sums measured 1.7x slower (BENCHMARKS.md, "Profile").
+  """
+  w = 1 / (s.p * (s.inv_pmax * rh) + s.tau)  # 1 / (ph rh + tau)
+  q = s.b * (s.inv_nb * w)  # u / (ph rh + tau)
   q2 = q * q
-  s2 = leaf.sum(q2)
-  s3 = leaf.sum(q2 * (s.ph * w))
-  return s2, s3
+  pair = jnp.stack([q2, q2 * (s.p * (s.inv_pmax * w))])
+  if leaf.reduce_axes:
+    pair = jnp.sum(pair, axis=tuple(a + 1 for a in leaf.reduce_axes), keepdims=True)
+  return pair[0], pair[1]
 
 
 def _newton_step(leaf: GroupLeaf, s: _Scaled, rh: jax.Array):
@@ -99,10 +130,18 @@ def _newton_step(leaf: GroupLeaf, s: _Scaled, rh: jax.Array):
   return rh_new, step, secular
 
 
-def _finish(leaf: GroupLeaf, p: LeafProblem, s: _Scaled, rh: jax.Array) -> jax.Array:
-  z = s.b_over_pmax * rh / (s.ph * rh + s.tau)
+def _finish(p: LeafProblem, s: _Scaled, rh: jax.Array) -> jax.Array:
+  """``z`` from the roots: one elementwise pass (fused by XLA with what follows).
+
+  ``z_i = (b_i / pmax) rh / (ph_i rh + tau)`` on kept groups, 0 on screened
+  ones. With ``t == 0`` the leaf is unregularized (spec §6 item 7) and never
+  pushed through the prox: ``z = x0 - V / P``. The choice is on the scalar
+  ``t``, inside the same elementwise pass (both branches read the same
+  ``x0, V, P``), so it costs arithmetic, not memory traffic.
+  """
+  c = s.inv_pmax * rh  # per group
+  z = s.b * c / (s.p * c + s.tau)
   z = jnp.where(s.keep, z, 0)
-  # t == 0: the leaf is unregularized (spec §6 item 7), never pushed through the prox.
   return jnp.where(p.threshold > 0, z, unregularized_point(p))
 
 
@@ -130,6 +169,10 @@ def exact_solve(
     leaf = group_leaf(GroupSpec((1,)), x0, "w")
     z = exact_solve([leaf], [LeafProblem(x0, V, P, x0, t)])[0].z
 
+  Leaves with the same grouping, shape and dtype are solved stacked, as one
+  batch (each group is independent, so every leaf's result equals its solo
+  solve; ``tests/test_performance_exact.py``).
+
   Returns, per leaf, ``z``, the Newton steps taken by its slowest group
   (``iterations``), ``relative_decrease = 0`` and ``residual``, the norm of
   ``t (1/||q|| - 1)`` over its groups at the last evaluation.
@@ -137,7 +180,26 @@ def exact_solve(
   del rtol, max_iters, min_iters, subgradient_tol, track_residual
   if not problems:
     return []
-  scaled, rhs = zip(*(_scale(leaf, p) for leaf, p in zip(leaves, problems)))
+  # Leaves with the same grouping, shape and dtype are solved as one stacked
+  # array (ALGORITHMS.md §6: groups are independent, so a leaf's bits do not
+  # depend on its batch-mates). A Transformer's 72 kernels make 3 batches:
+  # XLA then compiles 3 sets of solver passes instead of 72 (measured 10x
+  # faster compile and 2x faster run for 48 (64, 64) kernels, BENCHMARKS.md
+  # "Profile"). Only b and P are stacked; they are the solve's two full-size
+  # temporaries anyway, and XLA writes them straight into the stack.
+  batches: dict[Any, list[int]] = {}
+  for i, (leaf, p) in enumerate(zip(leaves, problems)):
+    batches.setdefault((leaf, p.metric.shape, p.metric.dtype), []).append(i)
+  stacked, scaled, rhs = [], [], []
+  for (leaf, shape, _), idx in batches.items():
+    ps = [problems[i] for i in idx]
+    bleaf = _stacked(leaf, len(idx))
+    t = jnp.stack([p.threshold for p in ps]).reshape((len(idx),) + (1,) * len(shape))
+    b = jnp.stack([p.metric * p.centre - p.linear for p in ps])
+    s, rh = _scale(bleaf, b, jnp.stack([p.metric for p in ps]), t)
+    stacked.append((bleaf, t))
+    scaled.append(s)
+    rhs.append(rh)
   dones = tuple(jnp.logical_not(s.keep) for s in scaled)
   iters = tuple(jnp.zeros(jnp.shape(r), jnp.int32) for r in rhs)
   secs = tuple(jnp.zeros_like(r) for r in rhs)
@@ -149,8 +211,8 @@ def exact_solve(
   def body(carry):
     i, rhs, dones, iters, secs = carry
     out = ([], [], [], [])
-    for leaf, s, rh, done, it, sec in zip(leaves, scaled, rhs, dones, iters, secs):
-      rh_new, step, sec_new = _newton_step(leaf, s, rh)
+    for (bleaf, _), s, rh, done, it, sec in zip(stacked, scaled, rhs, dones, iters, secs):
+      rh_new, step, sec_new = _newton_step(bleaf, s, rh)
       eps = jnp.finfo(rh.dtype).eps
       stop = step <= 4 * eps * rh_new
       out[0].append(jnp.where(done, rh, rh_new))
@@ -161,19 +223,64 @@ def exact_solve(
 
   carry = (jnp.zeros([], jnp.int32), tuple(rhs), dones, iters, secs)
   _, rhs, _, iters, secs = lax.while_loop(cond, body, carry)
-  sols = []
-  for leaf, p, s, rh, it, sec in zip(leaves, problems, scaled, rhs, iters, secs):
-    z = _finish(leaf, p, s, rh)
-    res = jnp.sqrt(jnp.sum(jnp.square(p.threshold * sec)))
-    sols.append(
-        LeafSolution(
-            z,
-            jnp.max(it, initial=0).astype(jnp.int32),
-            jnp.zeros([], z.dtype),
-            res.astype(z.dtype),
-        )
-    )
+  sols: list[LeafSolution | None] = [None] * len(problems)
+  for idx, (_, t), s, rh, it, sec in zip(batches.values(), stacked, scaled, rhs, iters, secs):
+    res = jnp.sqrt(jnp.sum(jnp.square(t * sec), axis=tuple(range(1, sec.ndim))))
+    it = jnp.max(it.reshape(len(idx), -1), axis=1, initial=0).astype(jnp.int32)
+    ps = [problems[i] for i in idx]
+    if len(idx) == 1:
+      zs = [_finish(ps[0], jax.tree.map(lambda a: a[0], s), rh[0])]
+    else:
+      zs = _finish_batch(ps, s, rh, t)
+    for j, i in enumerate(idx):
+      sols[i] = LeafSolution(
+          zs[j], _pick(it, j), jnp.zeros([], zs[j].dtype), _pick(res, j).astype(zs[j].dtype)
+      )
   return sols
+
+
+def _pick(v: jax.Array, j: int) -> jax.Array:
+  """``v[j]`` of a short per-leaf vector, exactly, as a masked sum.
+
+  ``v[j]`` would be a slice at a leaf-specific offset, one distinct kernel per
+  leaf for XLA to compile (the per-leaf diagnostics of a 72-leaf Transformer
+  cost about 1 s of compile time that way); the masked sum compiles to one
+  kernel shape for all leaves. It adds zeros to ``v[j]``, so it is exact.
+  """
+  if v.shape[0] == 1:
+    return v[0]
+  return jnp.sum(jnp.where(np.arange(v.shape[0]) == j, v, 0))
+
+
+def _finish_batch(ps: Sequence[LeafProblem], s: _Scaled, rh: jax.Array, t: jax.Array
+                  ) -> list[jax.Array]:
+  """``z`` of a stacked batch of leaves: one pass over the batch, then views.
+
+  A per-leaf pass would read its leaf's per-group factors out of the stacked
+  arrays at a leaf-specific offset, which makes each leaf's kernel distinct,
+  and XLA compiles every distinct kernel (about 30 ms each for this one on
+  the benchmark machine; identical kernels are compiled once). Here the
+  batch's ``z`` is one kernel and the leaves' consumers (the interpolation)
+  only slice it. The ``t == 0`` case (spec §6 item 7, ``z = x0 - V / P``) is
+  a ``lax.cond`` on the batch's scalars, so the unregularized points (and the
+  stacking of ``x0`` and ``V`` they need) are computed only when some leaf
+  of the batch has no strength.
+  """
+  c = s.inv_pmax * rh  # per group
+
+  def regularized():
+    return jnp.where(s.keep, s.b * c / (s.p * c + s.tau), 0)
+
+  def mixed():
+    # From the stacked P, so that P is only ever written into the stack.
+    stack = lambda f: jnp.stack([f(p) for p in ps])
+    unreg = unregularized_point(
+        LeafProblem(stack(lambda p: p.centre), stack(lambda p: p.linear), s.p, s.p, t)
+    )
+    return jnp.where(t > 0, regularized(), unreg)
+
+  z = lax.cond(jnp.all(t > 0), regularized, mixed)
+  return [z[j] for j in range(len(ps))]
 
 
 def exact_group_prox(leaf: GroupLeaf, problem: LeafProblem) -> jax.Array:

@@ -13,27 +13,75 @@ from optax_ramda._src import validation
 from optax_ramda._src.schedule import StageSchedule
 from optax_ramda._src.subproblem import DualAverage, Subproblem
 
+# Per working dtype: unsigned int of the same width, the bias of the bit-level
+# first guess (FreeBSD's s_cbrtf.c / s_cbrt.c ``B1``, for float64 in the high
+# word), the range ``[2^-k, 2^k]`` outside which ``u`` is rescaled by
+# ``2^(-+3m)`` (result by ``2^(+-m)``) so that no intermediate overflows or
+# goes subnormal, and the number of Halley steps before the Newton correction.
+_CBRT = {
+    jnp.dtype(jnp.float32): (jnp.uint32, 709958130, 60, 30, 1),
+    jnp.dtype(jnp.float64): (jnp.uint64, 715094163 << 32, 900, 300, 2),
+}
 
-def cube_root(u: jax.Array) -> jax.Array:
-  """``cbrt(u)`` for ``u >= 0``, fast on every backend (``cbrt(0) = 0``).
 
-  XLA's CPU ``cbrt`` is not vectorised: on 1e6 float32 entries it took 7.9 ms
-  against 0.16 ms for a multiply (BENCHMARKS.md, "Cube root"), which made it
-  the largest elementwise cost of a RAMDA update. Here ``exp(log(u) / 3)``
-  (vectorised) is refined by one Newton step for ``y^3 = u``,
-  ``y <- y - (y - u / y^2) / 3``, which brings it to within about 1 ulp of the
-  correctly rounded root, as accurate as ``jnp.cbrt`` (measured over
-  1e-20..1e20: max 1.25 ulp in float32, 2 ulp in float64, where
-  ``jnp.cbrt`` had 0.96 and 3). Low-precision inputs are computed in float32.
+@jax.jit
+def cube_root(u: jax.Array, offset: Any = 0) -> jax.Array:
+  """``cbrt(u) + offset`` for ``u >= 0``, fast on every backend (``cbrt(0) = 0``).
+
+  ``offset`` (a scalar, e.g. RAMDA's ``eps``) is added inside the last
+  operation (see 5.): for float32 and float64 ``u`` bit for bit
+  ``cube_root(u) + offset``; low-precision ``u`` is rounded once, after the
+  addition.
+
+  RAMDA's metric ``P = cbrt(U) + eps`` (ALGORITHMS.md §2) is computed over
+  every parameter at every step. XLA's CPU ``cbrt`` is not vectorised (3.9-7.9
+  ms on 1e6 float32 entries against 0.13-0.19 ms for a multiply), and ``exp(log(u) /
+  3)`` costs a ``log`` and two ``exp`` (XLA rewrites the Newton step's
+  division into a third transcendental) and is materialised in three passes
+  (BENCHMARKS.md, "Cube root"). Here only multiplies, adds and divides, which
+  vectorise and fuse with the rest of the update:
+
+  1. ``u`` outside ``[2^-k, 2^k]`` is scaled by a power of ``2^3`` (exact;
+     the root by its cube root), so no intermediate below overflows or
+     becomes subnormal;
+  2. first guess from the bits, ``bits(u) / 3 + B1`` (relative error < 4%,
+     the classic bit trick of FreeBSD's ``cbrt``);
+  3. Halley steps ``y <- y (y^3 + 2u) / (2 y^3 + u)`` (cubic convergence:
+     one in float32, two in float64);
+  4. one Newton correction ``y <- y - (y - u / y^2) / 3``, which rounds to
+     within about 1 ulp (measured 0.73 ulp in both float32 and float64 over
+     1e-20..1e20, where ``jnp.cbrt`` had 0.95 and 3.2);
+  5. the result is ``(y * [u > 0] + offset * 2^s) / 2^s``, with ``2^s`` the
+     inverse of step 1's scaling of the root: a division by a power of two,
+     so exact, and it makes a division the last operation, which XLA does
+     not duplicate into the several passes that read the metric (the exact
+     solver's); it materialises ``P`` once instead of re-reading the cube
+     root's intermediates in each pass (BENCHMARKS.md, "Profile").
+
+  Low-precision inputs are computed in float32. Jitted: inside an update it
+  is traced once per leaf shape and dtype instead of once per leaf (a
+  third of the trace time of a 196-leaf update), and XLA inlines it.
   """
   dt = u.dtype
   work = jnp.promote_types(dt, jnp.float32)
   u = u.astype(work)
+  utype, bias, k, m, halley = _CBRT[jnp.dtype(work)]
   pos = u > 0
-  safe = jnp.where(pos, u, 1)
-  y = jnp.exp(jnp.log(safe) * (1 / 3))
-  y = y - (y - safe / (y * y)) * (1 / 3)
-  return jnp.where(pos, y, 0).astype(dt)
+  small = u < 2.0**-k
+  big = u > 2.0**k
+  c = lambda e: jnp.asarray(2.0**e, work)
+  scale_in = jnp.where(small, c(3 * m), jnp.where(big, c(-3 * m), c(0)))
+  unscale = jnp.where(small, c(m), jnp.where(big, c(-m), c(0)))
+  a = jnp.where(pos, u, 1) * scale_in
+  bits = jax.lax.bitcast_convert_type(a, utype)
+  y = jax.lax.bitcast_convert_type(bits // 3 + jnp.asarray(bias, utype), work)
+  for _ in range(halley):
+    y3 = y * y * y
+    y = y * ((y3 + 2 * a) / (2 * y3 + a))
+  y = y - (y - a / (y * y)) * (1 / 3)
+  # Step 5: exact, as scaling by a power of two commutes with rounding.
+  off = jnp.asarray(offset, work)
+  return ((y * pos.astype(work) + off * unscale) / unscale).astype(dt)
 
 
 class CubeRootMetricState(NamedTuple):
@@ -85,7 +133,7 @@ def cube_root_metric(
 
     sum_sq = jax.tree.map(accumulate, state.sum_sq_grad, da.grad)
     eps_t = schedule.decay(jnp.asarray(eps, s.dtype), da.count)
-    metric = jax.tree.map(lambda u: cube_root(u) + eps_t.astype(u.dtype), sum_sq)
+    metric = jax.tree.map(lambda u: cube_root(u, eps_t.astype(u.dtype)), sum_sq)
     sub = Subproblem(
         centre=da.centre, linear=da.linear, metric=metric, scale=da.alpha,
         warm_start=params,
