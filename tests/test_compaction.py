@@ -483,3 +483,138 @@ def test_benchmark_report_and_summary_line():
   assert line.startswith("RAMDA-trained CNN: ") and "% fewer FLOPs, latency x" in line
   assert "same accuracy (100.0% vs 100.0%)" in line
   assert "| parameters |" in bench.markdown(rep)
+
+
+# --- units inside custom modules (inside_blocks=True) ---------------------------------------
+
+
+class TBlock(nnx.Module):
+  """A pre-norm Transformer block: causal nnx attention and an nnx.Sequential MLP."""
+
+  def __init__(self, d, heads, rngs, dtype=jnp.float64, mlp=None):
+    kw = dict(param_dtype=dtype, dtype=dtype, rngs=rngs)
+    self.ln1, self.ln2 = nnx.LayerNorm(d, **kw), nnx.LayerNorm(d, **kw)
+    self.attn = nnx.MultiHeadAttention(num_heads=heads, in_features=d, decode=False, **kw)
+    self.mlp = mlp if mlp is not None else nnx.Sequential(
+        nnx.Linear(d, 4 * d, **kw), nnx.gelu, nnx.Linear(4 * d, d, **kw))
+
+  def __call__(self, x):
+    mask = nnx.make_causal_mask(jnp.ones(x.shape[:-1]))
+    x = x + self.attn(self.ln1(x), mask=mask)
+    return x + self.mlp(self.ln2(x))
+
+
+class TinyLM(nnx.Module):
+  def __init__(self, d=8, heads=4, dtype=jnp.float64, twice=False):
+    r = nnx.Rngs(0)
+    kw = dict(param_dtype=dtype, dtype=dtype, rngs=r)
+    self.inp = nnx.Linear(3, d, **kw)
+    self.blocks = nnx.List([TBlock(d, heads, r, dtype), TBlock(d, heads, r, dtype)])
+    self.head = nnx.Linear(d, 2, **kw)
+    self.twice = twice
+
+  def __call__(self, x):
+    h = self.inp(x)
+    for block in self.blocks:
+      h = block(h)
+    if self.twice:  # the first block's MLP applied a second time
+      h = h + self.blocks[0].mlp(h)
+    return self.head(h)
+
+
+def _kill(lm, hidden=(1, 5, 30), head=2):
+  """Zero rows of block 0's second MLP Linear (hidden neurons) and one head's out kernel."""
+  _zero(lm.blocks[0].mlp.layers[2].kernel, (jnp.array(hidden), slice(None)))
+  _zero(lm.blocks[1].attn.out.kernel, head)
+  lm.eval()
+  return lm
+
+
+def test_inside_blocks_compacts_mlp_and_heads_keeping_the_residual_width():
+  with jax.enable_x64(True):
+    lm = _kill(TinyLM())
+    x = _x((4, 6, 3))
+    small = optax_ramda.compact(lm, x, inside_blocks=True)
+    b0, b1 = small.blocks
+    assert b0.mlp.layers[0].kernel.shape == (8, 32 - 3)
+    assert b0.mlp.layers[2].kernel.shape == (32 - 3, 8)  # residual width kept
+    assert b1.mlp.layers[0].kernel.shape == (8, 32)  # nothing zero there
+    assert b1.attn.num_heads == 3 and b1.attn.out.kernel.shape == (3, 2, 8)
+    assert b0.attn.num_heads == 4
+    assert small.inp.kernel.shape == (3, 8) and small.head.kernel.shape == (8, 2)
+    assert lm.blocks[0].mlp.layers[0].kernel.shape == (8, 32)  # the input model is untouched
+    for seed in (7, 8):  # inputs other than the sample
+      x2 = _x((3, 5, 3), seed=seed)
+      _close(small(x2), lm(x2), SOFTMAX_TOL)
+    plan = optax_ramda.compaction_plan(lm, x, inside_blocks=True)
+    got = {(b.producer, b.consumer): (b.channels, b.kept) for b in plan}
+    assert got[("blocks/0/mlp/layers/0", "blocks/0/mlp/layers/2")] == (32, 29)
+    assert got[("blocks/1/attn", "blocks/1/attn")] == (4, 3)
+    # idempotent
+    again = optax_ramda.compact(small, x, inside_blocks=True)
+    assert _params_equal(small, again)
+    assert bool(jnp.all(again(x) == small(x)))
+
+
+def test_inside_blocks_float32():
+  lm = _kill(TinyLM(dtype=jnp.float32))
+  x = _x((4, 6, 3), jnp.float32)
+  small = optax_ramda.compact(lm, x, inside_blocks=True)
+  assert small.blocks[0].mlp.layers[0].kernel.shape == (8, 29)
+  assert small.blocks[1].attn.num_heads == 3
+  a, b = np.asarray(small(x), np.float64), np.asarray(lm(x), np.float64)
+  np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * max(1.0, float(np.max(np.abs(b)))))
+
+
+def test_inside_blocks_leaves_a_unit_called_twice():
+  with jax.enable_x64(True):
+    lm = _kill(TinyLM(twice=True))
+    x = _x((4, 6, 3))
+    plan = optax_ramda.compaction_plan(lm, x, inside_blocks=True)
+    notes = {b.producer: b.note for b in plan}
+    assert notes["blocks/0/mlp"] == "left as it is: called 2 times in one forward pass"
+    small = optax_ramda.compact(lm, x, inside_blocks=True)
+    assert small.blocks[0].mlp.layers[0].kernel.shape == (8, 32)  # not compacted
+    assert small.blocks[1].attn.num_heads == 3  # the other units still are
+    _close(small(x), lm(x), SOFTMAX_TOL)
+
+
+def test_inside_blocks_leaves_a_unit_with_shared_weights():
+  with jax.enable_x64(True):
+    lm = _kill(TinyLM())
+    spare = nnx.Linear(32, 8, param_dtype=jnp.float64, dtype=jnp.float64, rngs=nnx.Rngs(3))
+    spare.kernel = lm.blocks[0].mlp.layers[2].kernel  # weight tying outside the MLP
+    lm.spare = spare
+    x = _x((4, 6, 3))
+    notes = {b.producer: b.note for b in optax_ramda.compaction_plan(lm, x, inside_blocks=True)}
+    assert notes["blocks/0/mlp"] == ("left as it is: the module or a weight of it is shared "
+                                     "with another part of the model")
+    small = optax_ramda.compact(lm, x, inside_blocks=True)
+    assert small.blocks[0].mlp.layers[2].kernel.shape == (32, 8)
+    assert small.spare.kernel is small.blocks[0].mlp.layers[2].kernel  # still tied
+    assert small.blocks[1].attn.num_heads == 3
+    _close(small(x), lm(x), SOFTMAX_TOL)
+
+
+def test_without_inside_blocks_custom_modules_are_still_refused():
+  lm = _kill(TinyLM(dtype=jnp.float32))
+  x = _x((2, 6, 3), jnp.float32)
+  with pytest.raises(ValueError, match="cannot read a chain of layers from TinyLM"):
+    optax_ramda.compact(lm, x)
+  with pytest.raises(ValueError, match=r"unknown type TBlock.*residual block"):
+    optax_ramda.compact(nnx.Sequential(lm.inp, lm.blocks[0]), x)
+  # A chain is compacted as without the option.
+  m = _mlp(jnp.float32, bn=False)
+  _zero(m.layers[2].kernel, (jnp.array([2, 5]), slice(None)))
+  xm = _x((8, 6), jnp.float32)
+  assert _params_equal(optax_ramda.compact(m, xm),
+                       optax_ramda.compact(m, xm, inside_blocks=True))
+
+
+def test_inside_blocks_without_zero_groups_is_unchanged():
+  lm = TinyLM(dtype=jnp.float32)
+  lm.eval()
+  x = _x((2, 6, 3), jnp.float32)
+  small = optax_ramda.compact(lm, x, inside_blocks=True)
+  assert _params_equal(lm, small)
+  assert bool(jnp.all(small(x) == lm(x)))

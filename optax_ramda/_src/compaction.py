@@ -30,6 +30,24 @@ chain called a second time); a custom module in the chain (a residual block: com
 cannot see whether its branches agree about a channel); a module with a ``layers``
 list whose ``__call__`` does something else than apply them in order.
 
+Inside custom modules (``compact(..., inside_blocks=True)``): a model that is an
+``nnx.Module`` but not a chain (a Transformer, a residual block) is not refused but
+compacted *locally*. Its units are the outermost sub-modules that are chains (an
+``nnx.Sequential``, or a module with a ``layers`` list, of the layers above) or an
+``nnx.MultiHeadAttention``. The model is run once on ``sample`` with each unit's class
+``__call__`` temporarily wrapped to record the unit's inputs; a unit is compacted, on
+the input it received, when it was called exactly once, with one concrete array (a
+chain) or without ``decode``/``sow_weights`` or a mask with a heads axis (attention),
+when neither it nor a module or weight inside it is referenced from elsewhere in the
+model, and when its chain passes the refusals above. Compaction only cuts between the
+parametrized layers of a chain and keeps attention's input and output widths, so a unit
+keeps its input and output widths and a residual stream ``x + unit(x)`` keeps its width;
+everything else (embeddings, norms, the model's own code) is copied unchanged, and a
+unit that does not qualify is left as it is (:func:`compaction_plan` says why). This is
+off by default: it assumes that the model's code reaches a unit only by calling it (not
+by reading its weights or sizes), which compact cannot see and only ``check`` verifies,
+on ``sample``.
+
 Rules at a boundary ``P -> g -> Q`` (channel ``c`` of ``P``, its features ``F_c``
 in the input of ``Q``; ALGORITHMS.md §9 layouts: Linear ``(in, out)``, Conv
 ``(*window, in, out)``):
@@ -129,7 +147,8 @@ def _chain(model: Any) -> list[tuple[str, Any]]:
       f"compact: cannot read a chain of layers from {type(model).__name__}. Pass an "
       "nnx.Sequential, a list of layers, or a module with a `layers` list; models with "
       "branches or residual connections are not supported (their branches may disagree "
-      "about which channels exist)."
+      "about which channels exist); inside_blocks=True compacts the chains and attention "
+      "layers inside such a model locally."
   )
 
 
@@ -173,7 +192,8 @@ def _check(name: str, layer: Any) -> str:
         "nnx.LayerNorm/RMSNorm/GroupNorm, nnx.Dropout, nnx.MultiHeadAttention, nnx.Sequential "
         "and plain functions. Fix: build the model as an nnx.Sequential of those, or compact "
         "a plain chain inside the block yourself (e.g. block.mlp = compact(block.mlp, "
-        "sample_of_its_input)): compact keeps a chain's input and output widths."
+        "sample_of_its_input)), or pass inside_blocks=True to compact the model's chains and "
+        "attention layers that way: compact keeps a chain's input and output widths."
     )
   if callable(layer):
     return "function"
@@ -485,7 +505,7 @@ def _compact_heads(layer: nnx.MultiHeadAttention) -> bool:
   return True
 
 
-# --- public --------------------------------------------------------------------------------
+# --- running ------------------------------------------------------------------------------
 
 
 def _clone(model: Any) -> Any:
@@ -529,7 +549,165 @@ def _run(model: Any, sample: jax.Array, key: jax.Array) -> list[CompactionBounda
       return report
 
 
-def compact(model: Any, sample: Any, *, seed: int = 0, check: bool = True) -> Any:
+# --- units inside custom modules (inside_blocks=True) ---------------------------------------
+
+_KNOWN = (nnx.Linear, nnx.Conv, nnx.BatchNorm, nnx.Dropout, nnx.MultiHeadAttention, *_BARRIERS)
+
+
+def _is_chain(model: Any) -> bool:
+  """Whether ``model`` reads as a chain of known layers (no custom module in it)."""
+  try:
+    chain = _chain(model)
+  except ValueError:
+    return False
+  return not any(isinstance(layer, nnx.Module) and not isinstance(layer, _KNOWN)
+                 for _, layer in chain)
+
+
+def _unit_kind(node: Any) -> str | None:
+  """'mha' or 'chain' for a candidate compactable unit, else None (validating its layers)."""
+  if isinstance(node, nnx.MultiHeadAttention):
+    _check("attention", node)
+    return "mha"
+  if isinstance(node, nnx.Module) and not isinstance(node, (nnx.Linear, nnx.Conv, nnx.List)) \
+      and _is_chain(node):
+    for name, layer in _chain(node):
+      _check(name, layer)  # training-mode BatchNorm, grouped Conv...: raised as in a chain
+    return "chain"
+  return None
+
+
+def _record_calls(model: Any, units: dict[int, Any], sample: Any) -> dict[int, list[Any]]:
+  """Runs ``model(sample)`` once, recording the ``(args, kwargs)`` of every call of a unit.
+
+  The ``__call__`` of each class that defines one for a unit is wrapped for the duration of
+  the run (and restored afterwards); a call of a unit from inside its own call (a subclass
+  calling ``super().__call__``) is recorded once.
+  """
+  calls: dict[int, list[Any]] = {i: [] for i in units}
+  active: set[int] = set()
+  owners = {}
+  for unit in units.values():
+    owner = next(c for c in type(unit).__mro__ if "__call__" in vars(c))
+    owners[owner] = vars(owner)["__call__"]
+
+  def wrap(orig: Any) -> Any:
+    @functools.wraps(orig)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+      key = id(self)
+      if key not in calls or key in active:
+        return orig(self, *args, **kwargs)
+      calls[key].append((args, kwargs))
+      active.add(key)
+      try:
+        return orig(self, *args, **kwargs)
+      finally:
+        active.discard(key)
+    return call
+
+  try:
+    for owner, orig in owners.items():
+      owner.__call__ = wrap(orig)
+    _call(model, jnp.asarray(sample))
+  finally:
+    for owner, orig in owners.items():
+      owner.__call__ = orig
+  return calls
+
+
+def _outside_refs(model: Any, unit: Any) -> bool:
+  """Whether the unit, or a module or weight inside it, is referenced from outside it."""
+  inside = {id(n) for _, n in nnx.iter_graph(unit)}
+  refs = 0
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Variable) or not nnx.graph.is_graph_node(node):
+      continue
+    for _, child in nnx.iter_children(node):
+      if child is unit:
+        refs += 1
+      elif id(child) in inside and id(node) not in inside:
+        return True
+  return refs != 1
+
+
+def _find_units(model: Any, sample: Any) -> tuple[list[tuple[tuple[Any, ...], str, Any]], list[
+    CompactionBoundary]]:
+  """The outermost compactable units of a custom module, with their recorded inputs.
+
+  Returns ``[(path, kind, input)]`` (``input``: the positional arguments of a chain, or the
+  keyword arguments of an attention call) and a note for every candidate left as it is.
+  """
+  nodes = list(nnx.iter_graph(model))  # each node once, at its first path
+  cands = {id(n): (p, k, n) for p, n in nodes if p for k in [_unit_kind(n)] if k}
+  calls = _record_calls(model, {i: n for i, (_, _, n) in cands.items()}, sample)
+  ok, notes = {}, []
+  for i, (path, kind, unit) in cands.items():
+    name, why = _name(path), ""
+    made = calls[i]
+    if len(made) != 1:
+      why = f"called {len(made)} times in one forward pass"
+    elif _outside_refs(model, unit):
+      why = "the module or a weight of it is shared with another part of the model"
+    elif kind == "chain":
+      args, kwargs = made[0]
+      if len(args) != 1 or any(v is not None for v in kwargs.values()) or not isinstance(
+          args[0], (jax.Array, np.ndarray)) or isinstance(args[0], jax.core.Tracer):
+        why = "called with other than one concrete array"
+      else:
+        try:
+          _refuse_shared(unit, args[0])
+        except ValueError as e:
+          why = str(e)
+    else:
+      _, kwargs = made[0]
+      mask = kwargs.get("mask")
+      if kwargs.get("decode") or kwargs.get("sow_weights"):
+        why = "called with decode or sow_weights"
+      elif mask is not None and jnp.ndim(mask) >= 3 and jnp.shape(mask)[-3] != 1:
+        why = "its mask has a heads axis"
+    if why:
+      notes.append(CompactionBoundary(name, name, 0, 0, 0, f"left as it is: {why}"))
+    else:
+      ok[i] = (path, kind, made[0][0][0] if kind == "chain" else None)
+  chosen = [v for v in ok.values()
+            if not any(v[0][:n] == o[0] for o in ok.values() for n in range(len(v[0])))]
+  return sorted(chosen, key=lambda v: [str(p) for p in v[0]]), notes
+
+
+def _run_units(model: Any, sample: Any, key: jax.Array) -> tuple[Any, list[CompactionBoundary]]:
+  """Compacts the units of a custom module on a copy; returns it and the report."""
+  units, report = _find_units(model, sample)
+  new = nnx.clone(model)
+  # nnx.clone keeps the graph's structure: a node has the same first path in both.
+  twin = {p: n for p, n in nnx.iter_graph(new)}
+  for path, kind, x in units:
+    unit = twin[path]
+    name = _name(path)
+    if kind == "mha":
+      heads = unit.num_heads
+      _compact_heads(unit)
+      report.append(CompactionBoundary(name, name, heads, unit.num_heads, 0, "attention heads"))
+    else:
+      report += [b._replace(producer=f"{name}/{b.producer}", consumer=f"{name}/{b.consumer}")
+                 for b in _run(unit, x, key)]
+  return new, report
+
+
+# --- public --------------------------------------------------------------------------------
+
+
+def _compact(model: Any, sample: Any, seed: int, inside_blocks: bool
+             ) -> tuple[Any, list[CompactionBoundary]]:
+  key = jax.random.PRNGKey(seed)
+  if inside_blocks and isinstance(model, nnx.Module) and not _is_chain(model):
+    return _run_units(model, sample, key)
+  _refuse_shared(model, sample)
+  new = _clone(model)
+  return new, _run(new, sample, key)
+
+
+def compact(model: Any, sample: Any, *, seed: int = 0, check: bool = True,
+            inside_blocks: bool = False) -> Any:
   """Returns a smaller copy of ``model`` with its zero groups cut out.
 
   See the module docstring for the accepted structure and the exact rules
@@ -538,7 +716,8 @@ def compact(model: Any, sample: Any, *, seed: int = 0, check: bool = True) -> An
 
   Args:
     model: an inference-mode ``nnx.Sequential``, list of layers, module with a
-      ``layers`` list, or ``nnx.MultiHeadAttention``.
+      ``layers`` list, or ``nnx.MultiHeadAttention``; with ``inside_blocks=True``
+      also any other ``nnx.Module`` (a Transformer, a residual block).
     sample: an example input batch (its first example is used to find the
       intermediate shapes and to probe the functions between layers).
     seed: seed of the random probe points.
@@ -546,6 +725,17 @@ def compact(model: Any, sample: Any, *, seed: int = 0, check: bool = True) -> An
       ``RuntimeError`` if they differ by more than reassociation can explain
       (relative 1e-4 of the output scale in float32, 1e-10 in float64; 1e-6
       in float64 with attention, whose softmax jax computes in float32).
+    inside_blocks: for a model that is not a chain (a custom module), compact its
+      units locally instead of refusing it: every outermost sub-module that is a
+      chain (``nnx.Sequential`` or a module with a ``layers`` list of supported
+      layers) or an ``nnx.MultiHeadAttention``, called exactly once when running
+      ``model(sample)`` and sharing no module or weight with the rest of the model,
+      is compacted on the input it received there. A unit's input and output widths
+      never change, so residual streams keep their width; the rest of the model is
+      copied as it is, and units that do not qualify are left as they are (see
+      :func:`compaction_plan` for why). Off by default: it relies on the custom
+      code reaching its units only by calling them, which only ``check`` verifies.
+      A chain model is compacted as without it.
 
   Returns:
     A new model of the same type with smaller layers.
@@ -553,13 +743,17 @@ def compact(model: Any, sample: Any, *, seed: int = 0, check: bool = True) -> An
   Example::
 
     small = compact(model, x_val[:8])
+    small_lm = compact(transformer, tokens[:4], inside_blocks=True)
   """
-  _refuse_shared(model, sample)
-  new = _clone(model)
-  _run(new, sample, jax.random.PRNGKey(seed))
+  new, _ = _compact(model, sample, seed, inside_blocks)
   if check:
     sample = jnp.asarray(sample)
-    out_new = jnp.asarray(_call(new, sample))
+    try:
+      out_new = jnp.asarray(_call(new, sample))
+    except Exception as e:
+      raise RuntimeError(
+          "compact: the compacted model fails on `sample` (its code may read a compacted "
+          f"layer's weights or sizes directly): {type(e).__name__}: {e}") from e
     before = np.asarray(_call(model, sample), np.float64)
     after = np.asarray(out_new, np.float64)
     # float64 models agree to reassociation, except that jax.nn.dot_product_attention
@@ -576,16 +770,23 @@ def compact(model: Any, sample: Any, *, seed: int = 0, check: bool = True) -> An
     if before.shape != after.shape or np.max(np.abs(before - after)) > eps * scale:
       raise RuntimeError(
           "compact: the compacted model's outputs differ from the original's; a function "
-          "between layers is probably not channel-wise (e.g. it hard-codes a channel count). "
-          "Please report the model structure."
+          "between layers is probably not channel-wise (e.g. it hard-codes a channel count), "
+          "or (inside_blocks=True) the model's code uses a unit's weights other than by "
+          "calling it. Please report the model structure."
       )
   return new
 
 
-def compaction_plan(model: Any, sample: Any, *, seed: int = 0) -> list[CompactionBoundary]:
-  """What :func:`compact` does at every Linear/Conv boundary (runs it on a copy)."""
-  _refuse_shared(model, sample)
-  return _run(_clone(model), sample, jax.random.PRNGKey(seed))
+def compaction_plan(model: Any, sample: Any, *, seed: int = 0,
+                    inside_blocks: bool = False) -> list[CompactionBoundary]:
+  """What :func:`compact` does at every Linear/Conv boundary (runs it on a copy).
+
+  With ``inside_blocks=True`` on a custom module, the names are paths inside the model
+  (``block/mlp/layers/0``); a compacted attention unit has one entry with ``producer ==
+  consumer`` and heads as channels (note ``"attention heads"``); a candidate unit left as
+  it is has one entry with zero channels and a note ``"left as it is: <why>"``.
+  """
+  return _compact(model, sample, seed, inside_blocks)[1]
 
 
 def _call(model: Any, x: jax.Array) -> jax.Array:
