@@ -40,6 +40,7 @@ from optax_ramda._src.solvers import (
     NOT_MEASURED,
     LeafProblem,
     LeafSolution,
+    scalar_metric_prox,
     unregularized_point,
 )
 
@@ -198,12 +199,7 @@ def _nuclear_objective(p: LeafProblem, z: jax.Array, nuc: jax.Array) -> jax.Arra
 
 def nuclear_closed_form(leaf: NuclearLeaf, p: LeafProblem) -> LeafSolution:
   """Scalar metric: ``z = SVT_{t/p}(x0 - V/p)`` exactly."""
-  y = unregularized_point(p)
-  thr = p.threshold / p.metric
-  z, _ = leaf.svt(y, thr)
-  z = jnp.where(thr > 0, z, y)
-  zero = jnp.zeros([], y.dtype)
-  return LeafSolution(z, jnp.zeros([], jnp.int32), zero, zero)
+  return scalar_metric_prox(leaf.svt, p)
 
 
 def nuclear_pg(leaf: NuclearLeaf, p: LeafProblem) -> LeafSolution:

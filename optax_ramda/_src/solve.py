@@ -245,9 +245,7 @@ def solve_subproblem(
         else:
           results[i] = nuclear.nuclear_pg(leaf, prob)
       elif not isinstance(leaf, GroupLeaf):
-        z = solvers.unregularized_point(prob)
-        zero = jnp.zeros([], dt)
-        results[i] = solvers.LeafSolution(z, jnp.zeros([], jnp.int32), zero, zero)
+        results[i] = solvers.direct_solution(solvers.unregularized_point(prob))
       elif prob.metric.ndim == 0:
         results[i] = solvers.closed_form(leaf, prob)
       else:

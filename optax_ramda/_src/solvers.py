@@ -37,7 +37,7 @@ paid every step and compile time once, so ``"pg"`` is per leaf.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -240,17 +240,29 @@ def pg_solve_per_leaf(
   ]
 
 
-def closed_form(leaf: GroupLeaf, p: LeafProblem) -> LeafSolution:
+def direct_solution(z: jax.Array) -> LeafSolution:
+  """A solution computed without iterating: 0 iterations, exact (residual 0)."""
+  zero = jnp.zeros([], z.dtype)
+  return LeafSolution(z, jnp.zeros([], jnp.int32), zero, zero)
+
+
+def scalar_metric_prox(
+    prox: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]], p: LeafProblem
+) -> LeafSolution:
   """Exact solution when the metric is a scalar ``p`` (RMDA, ProxSGD).
 
-  ``z = prox_{(t / p) ||.||}(x0 - V / p)``, block soft-thresholding.
+  ``z = prox_{(t / p) psi}(x0 - V / p)`` with ``prox(y, threshold) -> (z, _)``
+  the identity-metric prox of the leaf's regularizer (``t == 0``: ``y``).
   """
   y = unregularized_point(p)
   thr = p.threshold / p.metric
-  z, _ = leaf.shrink(y, thr)
-  z = jnp.where(thr > 0, z, y)
-  zero = jnp.zeros([], y.dtype)
-  return LeafSolution(z, jnp.zeros([], jnp.int32), zero, zero)
+  z, _ = prox(y, thr)
+  return direct_solution(jnp.where(thr > 0, z, y))
+
+
+def closed_form(leaf: GroupLeaf, p: LeafProblem) -> LeafSolution:
+  """Scalar metric, group LASSO: block soft-thresholding of ``x0 - V / p``."""
+  return scalar_metric_prox(leaf.shrink, p)
 
 
 def _exact(*args, **kwargs):

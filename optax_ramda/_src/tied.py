@@ -150,12 +150,18 @@ def split(x: jax.Array, parts: Sequence[_Part]) -> list[jax.Array]:
   return [x[:, a:b] for a, b in itertools.pairwise(bounds)]
 
 
-def packing(leaves: Sequence[Any], shapes: Sequence[Sequence[int]]) -> Packing:
-  """The :class:`Packing` of resolved leaves with the given array shapes."""
+def _ties(leaves: Sequence[Any]) -> dict[str, list[int]]:
+  """``{tie name: positions of its leaves}`` over the resolved leaves."""
   ties: dict[str, list[int]] = {}
   for i, leaf in enumerate(leaves):
     if isinstance(leaf, GroupLeaf) and leaf.tie is not None:
       ties.setdefault(leaf.tie, []).append(i)
+  return ties
+
+
+def packing(leaves: Sequence[Any], shapes: Sequence[Sequence[int]]) -> Packing:
+  """The :class:`Packing` of resolved leaves with the given array shapes."""
+  ties = _ties(leaves)
   joined = {idx[0]: idx for idx in ties.values() if len(idx) > 1}
   skip = {i for idx in joined.values() for i in idx[1:]}
   out_leaves, members, parts = [], [], []
@@ -188,11 +194,8 @@ def check_ties(names: Sequence[str], leaves: Sequence[Any]) -> None:
     names: the leaves' paths (for the message).
     leaves: the resolved leaves, in the same order.
   """
-  ties: dict[str, list[tuple[str, GroupLeaf]]] = {}
-  for name, leaf in zip(names, leaves):
-    if isinstance(leaf, GroupLeaf) and leaf.tie is not None:
-      ties.setdefault(leaf.tie, []).append((name, leaf))
-  for tie, members in ties.items():
+  for tie, idx in _ties(leaves).items():
+    members = [(names[i], leaves[i]) for i in idx]
     if len({leaf.num_groups for _, leaf in members}) > 1:
       listed = "\n".join(
           f"  {name}: {leaf.num_groups} groups (reduce axes {leaf.reduce_axes})"
