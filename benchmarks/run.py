@@ -3,6 +3,8 @@
   python3 benchmarks/run.py            # full suite (~1e5, 1e6, 1e7 parameters)
   python3 benchmarks/run.py --quick    # 1e5 and 1e6 only, fewer repetitions
   python3 benchmarks/run.py --json results.json
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python3 benchmarks/run.py
+      # with an allocator that keeps freed memory mapped (BENCHMARKS.md, "Allocator")
 
 Sections (each a Markdown table on stdout):
 
@@ -43,6 +45,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+
+try:
+  import resource
+except ImportError:  # not on Unix
+  resource = None
 
 import jax
 import jax.numpy as jnp
@@ -109,25 +116,42 @@ def make_step(opt) -> Callable:
   return jax.jit(step, donate_argnums=(0, 1))
 
 
+def _rusage() -> tuple[float, float]:
+  """(minor page faults, system CPU seconds) of this process so far; NaN off Unix."""
+  if resource is None:
+    return float("nan"), float("nan")
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return float(r.ru_minflt), r.ru_stime
+
+
 def interleaved_times(runners: dict[str, Callable[[int], object]], reps: int) -> dict:
-  """Median wall and CPU seconds of each runner, timed round-robin.
+  """Median wall, CPU and system seconds and page faults of each runner, round-robin.
 
   Round ``i`` calls every runner once (starting at a different one each
   round), so a change of machine load during the measurement hits every
   optimizer alike and the ratios stay meaningful on a shared machine. CPU
   time (``time.process_time``, all threads of this process) is reported too:
-  it does not count time spent waiting for a core.
+  it does not count time spent waiting for a core. So are the minor page
+  faults and the system (kernel) CPU time of each call: XLA allocates an
+  update's temporaries afresh at every call, and when the allocator returns
+  them to the operating system in between (glibc does for blocks of more than
+  32 MiB), every call pays to map and zero them again (BENCHMARKS.md,
+  "Allocator").
+
+  Returns ``{name: (wall_s, cpu_s, sys_s, minor_faults)}`` (medians).
   """
   names = list(runners)
-  wall = {k: [] for k in names}
-  cpu = {k: [] for k in names}
+  cols = {k: ([], [], [], []) for k in names}
   for i in range(reps):
     for k in names[i % len(names):] + names[: i % len(names)]:
+      f0, s0 = _rusage()
       t0, c0 = time.perf_counter(), time.process_time()
       jax.block_until_ready(runners[k](i))
-      wall[k].append(time.perf_counter() - t0)
-      cpu[k].append(time.process_time() - c0)
-  return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in names}
+      t1, c1 = time.perf_counter(), time.process_time()
+      f1, s1 = _rusage()
+      for col, v in zip(cols[k], (t1 - t0, c1 - c0, s1 - s0, f1 - f0)):
+        col.append(v)
+  return {k: tuple(statistics.median(c) for c in cols[k]) for k in names}
 
 
 def copy(tree):
@@ -215,7 +239,7 @@ def bench_update(family: str, target: int, reps: int, warmup: int, log) -> list[
   for row in rows:
     name, holder = row["optimizer"], state_of[row["optimizer"]]
     its = np.array([np.asarray(x) for x in holder["its"]], dtype=float)  # after timing
-    row["time_s"], row["cpu_s"] = times[name]
+    row["time_s"], row["cpu_s"], row["sys_s"], row["minor_faults"] = times[name]
     row["mean_iterations"] = float(its.mean()) if its.size else 0.0
     row["max_iterations"] = float(its.max()) if its.size else 0.0
     row["group_sparsity"] = _z_group_sparsity(holder["p"], params)
@@ -314,6 +338,7 @@ def bench_train(family: str, steps: int, warmup: int, batch: int, log) -> list[d
     rows.append({
         "family": family, "params": _models.count(params), "optimizer": name,
         "time_s": times[name][0], "cpu_s": times[name][1],
+        "sys_s": times[name][2], "minor_faults": times[name][3],
         "mean_iterations": float(its.mean()) if its.size else 0.0,
         "max_iterations": float(its.max()) if its.size else 0.0,
         "iterations_per_step": [float(x) for x in its.mean(axis=1)] if its.size else [],
@@ -381,10 +406,17 @@ def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
   return "\n".join(lines)
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 def machine() -> dict:
   info = {"platform": platform.platform(), "python": platform.python_version(),
           "jax": jax.__version__, "optax": optax.__version__,
-          "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count()}
+          "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+          # The memory allocator decides whether an update's temporaries are
+          # re-mapped at every call (BENCHMARKS.md, "Allocator").
+          "allocator_env": {k: v for k, v in os.environ.items()
+                            if k == "LD_PRELOAD" or k.startswith("MALLOC_")}}
   try:
     with open("/proc/cpuinfo") as f:
       names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
@@ -428,7 +460,8 @@ def main(argv=None):
     print("\n### Update time (median, ms) and ratios\n")
     print(table(rows, [("model", "family", ""), ("params", "params", ","),
                        ("optimizer", "optimizer", ""), ("ms", "time_ms", ".3f"),
-                       ("cpu ms", "cpu_ms", ".3f"),
+                       ("cpu ms", "cpu_ms", ".3f"), ("sys ms", "sys_ms", ".2f"),
+                       ("faulted MB", "fault_mb", ".1f"),
                        ("x adamw", "vs_adamw", ".2f"), ("x madgrad", "vs_madgrad", ".2f"),
                        ("iters/leaf", "mean_iterations", ".1f"),
                        ("max iters", "max_iterations", ".0f")]
@@ -456,7 +489,8 @@ def main(argv=None):
     print("\n### Whole training step (forward + backward + update), median ms\n")
     print(table(rows, [("model", "family", ""), ("params", "params", ","),
                        ("optimizer", "optimizer", ""), ("ms", "time_ms", ".2f"),
-                       ("cpu ms", "cpu_ms", ".2f"), ("x adamw", "vs_adamw", ".3f"),
+                       ("cpu ms", "cpu_ms", ".2f"), ("sys ms", "sys_ms", ".2f"),
+                       ("faulted MB", "fault_mb", ".1f"), ("x adamw", "vs_adamw", ".3f"),
                        ("iters/leaf/step", "mean_iterations", ".1f"),
                        ("max iters", "max_iterations", ".0f"),
                        ("loss first", "loss_first", ".3f"), ("loss last", "loss_last", ".3f")]))
@@ -482,6 +516,8 @@ def _add_ms(rows) -> bool:
   for r in rows:
     r["time_ms"] = 1e3 * r["time_s"]
     r["cpu_ms"] = 1e3 * r.get("cpu_s", float("nan"))
+    r["sys_ms"] = 1e3 * r.get("sys_s", float("nan"))
+    r["fault_mb"] = r.get("minor_faults", float("nan")) * _PAGE / 1e6
   return True
 
 

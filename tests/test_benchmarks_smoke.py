@@ -1,0 +1,36 @@
+"""The benchmark suite's one command (benchmarks/run.py) runs end to end on a tiny model.
+
+Timings are not checked (they are measured in BENCHMARKS.md, never asserted);
+this only keeps the command, its sections and its JSON record from rotting.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_update_section_runs_and_records_every_optimizer(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--sizes", "1e4",
+       "--families", "cnn", "--sections", "update", "--json", str(out)],
+      capture_output=True, text=True, timeout=600, cwd=ROOT,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rec = json.loads(out.read_text())
+  names = [r["optimizer"] for r in rec["update"]]
+  for want in ("adamw", "madgrad", "ramda (no reg)", "ramda exact", "ramda pg", "rmda",
+               "prox_adamw exact", "prox_adamw pg", "prox_sgd"):
+    assert want in names
+  by = {r["optimizer"]: r for r in rec["update"]}
+  for r in rec["update"]:
+    assert r["time_s"] > 0 and r["minor_faults"] >= 0 and r["sys_s"] >= 0
+  # State sizes are exact, whatever the machine: RAMDA x0, V, U; ProxGen m, v.
+  assert abs(by["ramda exact"]["state_bytes_per_param_byte"] - 3) < 0.01
+  assert abs(by["prox_adamw exact"]["state_bytes_per_param_byte"] - 2) < 0.01
+  assert by["adamw"]["vs_adamw"] == 1.0
+  assert "allocator_env" in rec["machine"]
+  assert "| ramda exact |" in proc.stdout
