@@ -448,6 +448,9 @@ def main(argv=None):
   t_start = time.perf_counter()
   info = machine()
   log(f"machine: {info}")
+  if not info["allocator_env"] and platform.system() == "Linux":
+    log("note: default allocator; with glibc, updates with large temporaries pay page faults "
+        "at every call (the 'sys ms' and 'faulted MB' columns). BENCHMARKS.md, 'Allocator'.")
   out = {"machine": info, "args": vars(args)}
 
   if "update" in sections:
