@@ -71,14 +71,18 @@ def make_step(opt):
   return step
 
 
-def single_device(opt):
+def run_steps(opt, step):
+  """``STEPS`` calls of ``step(params, state, x, y)`` from fresh params; the final params."""
   params = init_params()
   state = opt.init(params)
   x, y = data()
-  step = jax.jit(make_step(opt))
   for _ in range(STEPS):
     params, state = step(params, state, x, y)
   return params
+
+
+def single_device(opt):
+  return run_steps(opt, jax.jit(make_step(opt)))
 
 
 def assert_close(a, b):
@@ -161,12 +165,7 @@ def test_shard_map_pmean(name):
       step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P()),
       check_vma=False,
   ))
-  params = init_params()
-  state = opt.init(params)
-  x, y = data()
-  for _ in range(STEPS):
-    params, state = sharded(params, state, x, y)
-  assert_close(params, single_device(opt))
+  assert_close(run_steps(opt, sharded), single_device(opt))
 
 
 @pytest.mark.parametrize("name", sorted(OPTS))
@@ -259,12 +258,7 @@ def test_shard_map_whole_groups_follow_single_device(name):
   opt = OPTS[name]()
   presets.check_shard_map_specs(REG, init_params(), WHOLE_GROUPS)
   step = sharded_step(opt, WHOLE_GROUPS, check_vma=False)
-  params = init_params()
-  state = opt.init(params)
-  x, y = data()
-  for _ in range(STEPS):
-    params, state = step(params, state, x, y)
-  assert_close(params, single_device(opt))
+  assert_close(run_steps(opt, step), single_device(opt))
 
 
 def test_check_shard_map_specs():
