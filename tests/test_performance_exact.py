@@ -8,6 +8,7 @@ compiled memory analysis.
 """
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -66,6 +67,86 @@ def test_batching_keeps_the_newton_loop_size_independent_of_leaf_count():
     return len(loop.params["body_jaxpr"].eqns)
 
   assert body_size(2) == body_size(9)
+
+
+def _loops(jaxpr, depth=0):
+  """Deepest nesting of loops (``while``, ``scan``) in a jaxpr."""
+  deepest = depth
+  for e in jaxpr.eqns:
+    for sub in jax.extend.core.jaxprs_in_params(e.params):
+      deepest = max(deepest, _loops(sub, depth + (e.primitive.name in ("while", "scan"))))
+  return deepest
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize(
+    "shape, axes, thresholds",
+    [
+        ((48, 20), (1,), (1.0,)),  # dense kernel: chunks of rows
+        ((48, 20), (1,), (0.0,)),  # one leaf without strength: z = x0 - V / P inside the chunks
+        ((3, 3, 12, 8), (0, 1, 3), (0.9,)),  # conv kernel: chunks of input channels (strided)
+        ((12, 10), (1,), (1.0, 0.0, 1.2, 0.5)),  # stacked batch, one leaf without strength
+        ((6,), (), (1.0, 0.8)),  # L1 (every entry a group)
+    ],
+)
+def test_chunked_solves_match_the_single_loop(monkeypatch, dtype, shape, axes, thresholds):
+  """Large batches are solved chunk by chunk, with the unchunked solve's results.
+
+  The chunk sizes are shrunk so that small problems take the chunked path
+  (normally from ``exact.CHUNK_FROM`` entries, on CPU). The chunks solve the
+  same equations; XLA may sum a chunk's groups in another order, so ``z`` is
+  compared to ``1000 eps`` of the largest entry (on these shapes it is
+  currently bit-identical), the zero pattern and the Newton steps exactly.
+  """
+  with jax.enable_x64(dtype == jnp.float64):
+    leaf = group_leaf(GroupSpec(axes), np.zeros(shape), "w")
+    probs = _problems(len(thresholds), shape, thresholds, dtype, seed=3)
+    # Thresholds in units of the median group norm of b = P x0 - V, so that
+    # about half the groups are screened at 1.0.
+    median = np.median(leaf.norm(probs[0].metric * probs[0].centre - probs[0].linear))
+    probs = [p._replace(threshold=p.threshold * median.astype(dtype)) for p in probs]
+    # A fresh function per configuration: JAX caches traces by function, and
+    # the chunking is decided at trace time.
+    solver = lambda: lambda ps: exact.exact_solve([leaf] * len(ps), ps)
+    monkeypatch.setattr(exact, "CHUNK_FROM", 10**12)
+    plain = jax.jit(solver())(probs)
+    assert _loops(jax.make_jaxpr(solver())(probs).jaxpr) == 1
+    size = len(thresholds) * int(np.prod(shape))
+    monkeypatch.setattr(exact, "CHUNK_FROM", 1)
+    monkeypatch.setattr(exact, "CHUNK_ENTRIES", size // 3)
+    monkeypatch.setattr(exact, "MIN_CHUNK_ENTRIES", 1)
+    assert exact._chunking(exact._stacked(leaf, len(thresholds)), (len(thresholds), *shape))
+    assert _loops(jax.make_jaxpr(solver())(probs).jaxpr) == 2  # chunk loop around Newton loops
+    chunked = jax.jit(solver())(probs)
+    tol = 1000 * np.finfo(dtype).eps
+    for p, a, b in zip(probs, plain, chunked):
+      np.testing.assert_allclose(b.z, a.z, rtol=0, atol=tol * float(np.max(np.abs(a.z))))
+      np.testing.assert_array_equal(np.asarray(b.z) == 0, np.asarray(a.z) == 0)
+      assert int(b.iterations) == int(a.iterations)
+      np.testing.assert_allclose(b.residual, a.residual, rtol=1e-3, atol=tol * float(p.threshold))
+      if float(p.threshold) == 0:
+        np.testing.assert_array_equal(b.z, p.centre - p.linear / p.metric)
+      else:
+        assert int(a.iterations) > 0 and np.any(np.asarray(a.z) == 0)
+
+
+def test_chunking_picks_whole_groups_and_even_chunks(monkeypatch):
+  """Chunks slice a group axis (never a reduce axis) into equal parts, within bounds."""
+  big = exact.CHUNK_FROM
+  conv = exact._stacked(group_leaf(GroupSpec((0, 1, 3)), np.zeros((3, 3, 744, 744)), "w"), 1)
+  axis, k = exact._chunking(conv, (1, 3, 3, 744, 744))
+  assert axis == 3 and 744 % k == 0
+  assert exact.MIN_CHUNK_ENTRIES <= 3 * 3 * 744 * 744 // k <= exact.CHUNK_ENTRIES
+  dense = exact._stacked(group_leaf(GroupSpec((1,)), np.zeros((456, 456)), "w"), 16)
+  assert exact._chunking(dense, (16, 456, 456)) == (0, 8)  # two whole leaves per chunk
+  assert exact._chunking(dense, (1, 456, 456)) is None  # below CHUNK_FROM
+  wide = exact._stacked(group_leaf(GroupSpec((1,)), np.zeros((456, 1824)), "w"), 16)
+  assert exact._chunking(wide, (16, 456, 1824))[0] == 1  # too few leaves: chunks of rows
+  whole = exact._stacked(group_leaf(GroupSpec((0, 1)), np.zeros((2048, 2048)), "w"), 1)
+  assert exact._chunking(whole, (1, 2048, 2048)) is None  # one group: nothing to chunk
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert exact._chunking(conv, (1, 3, 3, 744, 744)) is None  # CPU only
+  assert big == exact.CHUNK_FROM
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -143,6 +224,31 @@ def test_update_temporaries_stay_within_budget(make, bound):
     pytest.skip("no memory analysis on this backend")
   pbytes = sum(x.nbytes for x in jax.tree.leaves(params))
   assert mem.temp_size_in_bytes / pbytes <= bound, mem.temp_size_in_bytes / pbytes
+
+
+@pytest.mark.parametrize(
+    "make, bound",
+    [
+        # Measured (JAX 0.10.2 CPU): 1.47 and 2.27 param copies; 2.47 and 3.26
+        # before z took over P's buffer, 4.0 and 5.0 unchunked. RAMDA: P (then
+        # z) and the chunks' work arrays; ProxGen also keeps its linear term.
+        (lambda: optax_ramda.ramda(1e-2, 1e-3, _reg()), 2.0),
+        (lambda: optax_ramda.prox_adamw(1e-3, 1e-3, _reg()), 2.5),
+    ],
+)
+def test_chunked_solves_keep_temporaries_small(make, bound):
+  """Leaves of 2M+ entries are solved chunk by chunk (CPU): within 2 param copies for RAMDA."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("chunked solves are CPU only")
+  params = {
+      "conv": {"kernel": jnp.zeros((3, 3, 512, 512)), "bias": jnp.zeros(512)},
+      "dense": {"kernel": jnp.zeros((2048, 1024)), "bias": jnp.zeros(1024)},
+  }
+  assert all(x.size >= exact.CHUNK_FROM for x in jax.tree.leaves(params) if x.ndim > 1)
+  opt = make()
+  compiled = _step(opt).lower(params, opt.init(params), params).compile()
+  pbytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  assert compiled.memory_analysis().temp_size_in_bytes / pbytes <= bound
 
 
 def test_restart_branch_matches_elementwise_select():

@@ -31,7 +31,8 @@ on the benchmark data but cost as much in its extra reduction: not used.) The Ne
 step is not larger than ``4 eps_machine * rh`` (never on ``phi == 0``), and
 then keeps its bits, so its answer does not depend on the other groups (the
 same under ``jit``, ``vmap`` and any batching of leaves). All groups of all
-leaves share one ``lax.while_loop``, capped at ``max_newton`` steps.
+leaves share one ``lax.while_loop``, capped at ``max_newton`` steps; large
+batches on CPU run one such loop per chunk of their groups (:func:`_chunking`).
 
 Diagnostics. At the root ``p * (z - y) + t z / ||z|| = 0``; at an iterate
 ``rh`` the residual of that optimality condition is
@@ -45,6 +46,7 @@ nothing extra.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -155,7 +157,7 @@ def exact_solve(
     track_residual: bool = False,
     max_newton: int = DEFAULT_MAX_NEWTON,
 ) -> list[LeafSolution]:
-  """Exact scaled group-LASSO prox for several leaves in one ``lax.while_loop``.
+  """Exact scaled group-LASSO prox for several leaves, every group on its own.
 
   ``rtol``, ``max_iters``, ``min_iters`` and ``subgradient_tol`` (the PG
   solvers' stopping rules) are accepted for a common signature and ignored:
@@ -171,7 +173,11 @@ def exact_solve(
 
   Leaves with the same grouping, shape and dtype are solved stacked, as one
   batch (each group is independent, so every leaf's result equals its solo
-  solve; ``tests/test_performance_exact.py``).
+  solve, up to the summation order where one of the two is chunked;
+  ``tests/test_performance_exact.py``). Batches share one
+  ``lax.while_loop``, except large batches on CPU (at least
+  :data:`CHUNK_FROM` entries), which are solved chunk by chunk of their
+  groups, each chunk's whole solve while it is in cache (:func:`_chunking`).
 
   Returns, per leaf, ``z``, the Newton steps taken by its slowest group
   (``iterations``), ``relative_decrease = 0`` and ``residual``, the norm of
@@ -190,19 +196,52 @@ def exact_solve(
   batches: dict[Any, list[int]] = {}
   for i, (leaf, p) in enumerate(zip(leaves, problems)):
     batches.setdefault((leaf, p.metric.shape, p.metric.dtype), []).append(i)
-  stacked, scaled, rhs = [], [], []
-  for (leaf, shape, _), idx in batches.items():
+  looped, solved = [], {}
+  for pos, ((leaf, shape, _), idx) in enumerate(batches.items()):
     ps = [problems[i] for i in idx]
     bleaf = _stacked(leaf, len(idx))
     t = jnp.stack([p.threshold for p in ps]).reshape((len(idx),) + (1,) * len(shape))
+    chunks = _chunking(bleaf, (len(idx), *shape))
+    if chunks is not None:
+      solved[pos] = _solve_chunked(bleaf, ps, t, *chunks, max_newton)
+      continue
     b = jnp.stack([p.metric * p.centre - p.linear for p in ps])
     s, rh = _scale(bleaf, b, jnp.stack([p.metric for p in ps]), t)
-    stacked.append((bleaf, t))
-    scaled.append(s)
-    rhs.append(rh)
-  dones = tuple(jnp.logical_not(s.keep) for s in scaled)
-  iters = tuple(jnp.zeros(jnp.shape(r), jnp.int32) for r in rhs)
-  secs = tuple(jnp.zeros_like(r) for r in rhs)
+    looped.append((pos, bleaf, t, s, rh))
+  rhs, iters, secs = _newton([(bleaf, s, rh) for _, bleaf, _, s, rh in looped], max_newton)
+  for (pos, _, t, s, _), rh, it, sec in zip(looped, rhs, iters, secs):
+    ps = [problems[i] for i in list(batches.values())[pos]]
+    if len(ps) == 1:
+      z = _finish(ps[0], jax.tree.map(lambda a: a[0], s), rh[0])[None]
+    else:
+      z = _finish_batch(ps, s, rh, t)
+    solved[pos] = (z, it, sec)
+  sols: list[LeafSolution | None] = [None] * len(problems)
+  for pos, idx in enumerate(batches.values()):
+    z, it, sec = solved[pos]
+    t = jnp.stack([problems[i].threshold for i in idx]).reshape((len(idx),) + (1,) * (z.ndim - 1))
+    res = jnp.sqrt(jnp.sum(jnp.square(t * sec), axis=tuple(range(1, sec.ndim))))
+    it = jnp.max(it.reshape(len(idx), -1), axis=1, initial=0).astype(jnp.int32)
+    zs = [z[j] for j in range(len(idx))]
+    for j, i in enumerate(idx):
+      sols[i] = LeafSolution(
+          zs[j], _pick(it, j), jnp.zeros([], zs[j].dtype), _pick(res, j).astype(zs[j].dtype)
+      )
+  return sols
+
+
+def _newton(batches: Sequence[tuple[GroupLeaf, _Scaled, jax.Array]], max_newton: int):
+  """Roots of the secular equations of several batches in one ``lax.while_loop``.
+
+  Returns per batch the roots ``rh``, the Newton steps of each group and its
+  secular residual at the last evaluation (all per group, keepdims). A group
+  stops when its step is not larger than ``4 eps rh`` and then keeps its bits.
+  """
+  if not batches:
+    return (), (), ()
+  dones = tuple(jnp.logical_not(s.keep) for _, s, _ in batches)
+  iters = tuple(jnp.zeros(jnp.shape(rh), jnp.int32) for _, _, rh in batches)
+  secs = tuple(jnp.zeros_like(rh) for _, _, rh in batches)
 
   def cond(carry):
     i, _, done, _, _ = carry
@@ -211,7 +250,7 @@ def exact_solve(
   def body(carry):
     i, rhs, dones, iters, secs = carry
     out = ([], [], [], [])
-    for (bleaf, _), s, rh, done, it, sec in zip(stacked, scaled, rhs, dones, iters, secs):
+    for (bleaf, s, _), rh, done, it, sec in zip(batches, rhs, dones, iters, secs):
       rh_new, step, sec_new = _newton_step(bleaf, s, rh)
       eps = jnp.finfo(rh.dtype).eps
       stop = step <= 4 * eps * rh_new
@@ -221,22 +260,118 @@ def exact_solve(
       out[3].append(jnp.where(done, sec, sec_new))
     return (i + 1, *(tuple(o) for o in out))
 
-  carry = (jnp.zeros([], jnp.int32), tuple(rhs), dones, iters, secs)
+  carry = (jnp.zeros([], jnp.int32), tuple(rh for _, _, rh in batches), dones, iters, secs)
   _, rhs, _, iters, secs = lax.while_loop(cond, body, carry)
-  sols: list[LeafSolution | None] = [None] * len(problems)
-  for idx, (_, t), s, rh, it, sec in zip(batches.values(), stacked, scaled, rhs, iters, secs):
-    res = jnp.sqrt(jnp.sum(jnp.square(t * sec), axis=tuple(range(1, sec.ndim))))
-    it = jnp.max(it.reshape(len(idx), -1), axis=1, initial=0).astype(jnp.int32)
-    ps = [problems[i] for i in idx]
-    if len(idx) == 1:
-      zs = [_finish(ps[0], jax.tree.map(lambda a: a[0], s), rh[0])]
+  return rhs, iters, secs
+
+
+CHUNK_FROM = 1 << 21
+"""Entries of a stacked batch from which it is solved chunk by chunk (CPU only)."""
+CHUNK_ENTRIES = 1 << 19
+"""Largest chunk, in entries (2 MiB per float32 array: the working set stays in cache)."""
+MIN_CHUNK_ENTRIES = 1 << 16
+"""Smallest chunk worth a trip through the chunk loop."""
+
+
+def _chunking(bleaf: GroupLeaf, shape: tuple[int, ...]) -> tuple[int, int] | None:
+  """``(axis, chunks)`` to solve a stacked batch chunk by chunk, or ``None``.
+
+  The Newton loop reads ``b`` and ``P`` and writes the per-element terms of
+  its two sums at every step. On a batch larger than the CPU's caches each of
+  those passes streams through memory; solved a chunk of groups at a time,
+  the chunk's ``||b||``, ``max P``, Newton steps and ``z`` all run on data in
+  cache, and only the chunk's inputs and ``z`` cross the memory bus; ``z``
+  overwrites ``P`` chunk by chunk, so it needs no buffer of its own
+  (BENCHMARKS.md, "Chunked solves").
+
+  A chunk is a slice along a group axis (not a reduce axis), so it holds
+  whole groups and solves exactly the same equations. Its group sums may be
+  added in another order than over the whole array (XLA picks the reduction's
+  loop order by shape), so results can differ from the unchunked solve in
+  the last bits of the sums; near the screening boundary, where ``1 - tau``
+  is small, the root amplifies that as it amplifies any rounding of the
+  inputs (measured: both layouts equally far from a float64 solve). Chunks
+  divide the axis evenly (one compiled chunk shape). Only on CPU: a GPU's
+  memory is not behind a small cache this way, and a sequential chunk loop
+  would leave it idle. Measured on the benchmark machine (2 cores): chunks
+  of 65K-131K entries made the update of the 1e6-parameter CNN (largest leaf
+  518,400 entries) 12-14% slower, hence :data:`CHUNK_FROM`.
+  """
+  size = math.prod(shape)
+  if size < CHUNK_FROM or jax.default_backend() != "cpu":
+    return None
+  for axis, n in enumerate(shape):
+    if axis in bleaf.reduce_axes:
+      continue
+    k = next((k for k in range(2, n + 1) if n % k == 0 and size // k <= CHUNK_ENTRIES), None)
+    if k is not None and size // k >= MIN_CHUNK_ENTRIES:
+      return axis, k
+  return None
+
+
+def _regularized_z(s: _Scaled, rh: jax.Array) -> jax.Array:
+  """``z_i = (b_i / pmax) rh / (ph_i rh + tau)`` on kept groups, 0 elsewhere."""
+  c = s.inv_pmax * rh  # per group
+  return jnp.where(s.keep, s.b * c / (s.p * c + s.tau), 0)
+
+
+def _solve_chunked(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Array, axis: int,
+                   chunks: int, max_newton: int):
+  """One batch solved chunk by chunk along ``axis``: ``(z, iterations, secular)``.
+
+  A ``lax.fori_loop`` over the chunks; each runs the whole solve (scaling,
+  its own Newton loop, ``z``) on its slice and writes ``z`` and the per-group
+  diagnostics in place. A single leaf's ``b`` is formed inside the chunk from
+  ``x0``, ``V`` and ``P`` (no full-size ``b``), and so is its ``t == 0`` branch
+  ``x0 - V / P`` (spec §6 item 7); a stacked batch stacks ``b`` and ``P`` as
+  the loop does, with ``x0 - V / P`` in the place of ``b`` for a leaf with
+  ``t == 0``.
+  """
+  single = len(ps) == 1
+  if single:
+    ins = tuple(a[None] for a in (ps[0].centre, ps[0].linear, ps[0].metric))
+  else:
+    # A leaf without strength has no b; its slot holds its answer instead,
+    # z = x0 - V / P (spec §6 item 7), chosen on the scalar t inside the same
+    # elementwise pass (so it costs arithmetic, not traffic), and is passed
+    # through below: no stacked x0 and V, and no lax.cond, whose branch
+    # returning the loop's z would copy it.
+    ins = (jnp.stack([jnp.where(p.threshold > 0, p.metric * p.centre - p.linear,
+                                unregularized_point(p)) for p in ps]),
+           jnp.stack([p.metric for p in ps]))
+  shape = ins[0].shape
+  width = shape[axis] // chunks
+  gshape = tuple(1 if a in bleaf.reduce_axes else n for a, n in enumerate(shape))
+  dtype = ins[0].dtype
+
+  def body(c, carry):
+    def cut(a):
+      if a.shape[axis] == 1:
+        return a
+      return lax.dynamic_slice_in_dim(a, c * width, width, axis)
+
+    tc = cut(t)
+    z_all, it_all, sec_all = carry
+    # P is read from the carry, where the chunks' z replace it (chunks are
+    # disjoint): z takes P's buffer instead of one of its own.
+    p = cut(z_all)
+    if single:
+      x0, v = cut(ins[0]), cut(ins[1])
+      b = p * x0 - v
     else:
-      zs = _finish_batch(ps, s, rh, t)
-    for j, i in enumerate(idx):
-      sols[i] = LeafSolution(
-          zs[j], _pick(it, j), jnp.zeros([], zs[j].dtype), _pick(res, j).astype(zs[j].dtype)
-      )
-  return sols
+      b = cut(ins[0])
+    s, rh0 = _scale(bleaf, b, p, tc)
+    (rh,), (it,), (sec,) = _newton([(bleaf, s, rh0)], max_newton)
+    z = _regularized_z(s, rh)
+    if single:
+      z = jnp.where(tc > 0, z, unregularized_point(LeafProblem(x0, v, p, p, tc)))
+    else:
+      z = jnp.where(tc > 0, z, b)  # b holds x0 - V / P where t == 0
+    put = lambda buf, val: lax.dynamic_update_slice_in_dim(buf, val, c * width, axis)
+    return put(z_all, z), put(it_all, it), put(sec_all, sec)
+
+  init = (ins[-1], jnp.zeros(gshape, jnp.int32), jnp.zeros(gshape, dtype))
+  return lax.fori_loop(0, chunks, body, init)
 
 
 def _pick(v: jax.Array, j: int) -> jax.Array:
@@ -253,8 +388,8 @@ def _pick(v: jax.Array, j: int) -> jax.Array:
 
 
 def _finish_batch(ps: Sequence[LeafProblem], s: _Scaled, rh: jax.Array, t: jax.Array
-                  ) -> list[jax.Array]:
-  """``z`` of a stacked batch of leaves: one pass over the batch, then views.
+                  ) -> jax.Array:
+  """``z`` of a stacked batch of leaves: one pass over the batch (leaves slice it).
 
   A per-leaf pass would read its leaf's per-group factors out of the stacked
   arrays at a leaf-specific offset, which makes each leaf's kernel distinct,
@@ -266,10 +401,8 @@ def _finish_batch(ps: Sequence[LeafProblem], s: _Scaled, rh: jax.Array, t: jax.A
   stacking of ``x0`` and ``V`` they need) are computed only when some leaf
   of the batch has no strength.
   """
-  c = s.inv_pmax * rh  # per group
-
   def regularized():
-    return jnp.where(s.keep, s.b * c / (s.p * c + s.tau), 0)
+    return _regularized_z(s, rh)
 
   def mixed():
     # From the stacked P, so that P is only ever written into the stack.
@@ -279,8 +412,7 @@ def _finish_batch(ps: Sequence[LeafProblem], s: _Scaled, rh: jax.Array, t: jax.A
     )
     return jnp.where(t > 0, regularized(), unreg)
 
-  z = lax.cond(jnp.all(t > 0), regularized, mixed)
-  return [z[j] for j in range(len(ps))]
+  return lax.cond(jnp.all(t > 0), regularized, mixed)
 
 
 def exact_group_prox(leaf: GroupLeaf, problem: LeafProblem) -> jax.Array:
