@@ -113,6 +113,7 @@ def test_chunked_solves_match_the_single_loop(monkeypatch, dtype, shape, axes, t
     assert _loops(jax.make_jaxpr(solver())(probs).jaxpr) == 1
     size = len(thresholds) * int(np.prod(shape))
     monkeypatch.setattr(exact, "CHUNK_FROM", 1)
+    monkeypatch.setattr(exact, "_chunking_pays", lambda: True)  # conftest: 8 devices
     monkeypatch.setattr(exact, "CHUNK_ENTRIES", size // 3)
     monkeypatch.setattr(exact, "MIN_CHUNK_ENTRIES", 1)
     assert exact._chunking(exact._stacked(leaf, len(thresholds)), (len(thresholds), *shape))
@@ -133,6 +134,10 @@ def test_chunked_solves_match_the_single_loop(monkeypatch, dtype, shape, axes, t
 def test_chunking_picks_whole_groups_and_even_chunks(monkeypatch):
   """Chunks slice a group axis (never a reduce axis) into equal parts, within bounds."""
   big = exact.CHUNK_FROM
+  monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+  assert exact._chunking_pays() == (jax.default_backend() == "cpu")
+  if not exact._chunking_pays():
+    pytest.skip("chunked solves are CPU only")
   conv = exact._stacked(group_leaf(GroupSpec((0, 1, 3)), np.zeros((3, 3, 744, 744)), "w"), 1)
   axis, k = exact._chunking(conv, (1, 3, 3, 744, 744))
   assert axis == 3 and 744 % k == 0
@@ -144,6 +149,9 @@ def test_chunking_picks_whole_groups_and_even_chunks(monkeypatch):
   assert exact._chunking(wide, (16, 456, 1824))[0] == 1  # too few leaves: chunks of rows
   whole = exact._stacked(group_leaf(GroupSpec((0, 1)), np.zeros((2048, 2048)), "w"), 1)
   assert exact._chunking(whole, (1, 2048, 2048)) is None  # one group: nothing to chunk
+  monkeypatch.setattr(jax, "device_count", lambda *a: 8)
+  assert exact._chunking(conv, (1, 3, 3, 744, 744)) is None  # several devices: maybe sharded
+  monkeypatch.setattr(jax, "device_count", lambda *a: 1)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert exact._chunking(conv, (1, 3, 3, 744, 744)) is None  # CPU only
   assert big == exact.CHUNK_FROM
@@ -236,10 +244,11 @@ def test_update_temporaries_stay_within_budget(make, bound):
         (lambda: optax_ramda.prox_adamw(1e-3, 1e-3, _reg()), 2.5),
     ],
 )
-def test_chunked_solves_keep_temporaries_small(make, bound):
+def test_chunked_solves_keep_temporaries_small(monkeypatch, make, bound):
   """Leaves of 2M+ entries are solved chunk by chunk (CPU): within 2 param copies for RAMDA."""
   if jax.default_backend() != "cpu":
     pytest.skip("chunked solves are CPU only")
+  monkeypatch.setattr(exact, "_chunking_pays", lambda: True)  # conftest: 8 devices
   params = {
       "conv": {"kernel": jnp.zeros((3, 3, 512, 512)), "bias": jnp.zeros(512)},
       "dense": {"kernel": jnp.zeros((2048, 1024)), "bias": jnp.zeros(1024)},

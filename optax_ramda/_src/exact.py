@@ -32,7 +32,8 @@ step is not larger than ``4 eps_machine * rh`` (never on ``phi == 0``), and
 then keeps its bits, so its answer does not depend on the other groups (the
 same under ``jit``, ``vmap`` and any batching of leaves). All groups of all
 leaves share one ``lax.while_loop``, capped at ``max_newton`` steps; large
-batches on CPU run one such loop per chunk of their groups (:func:`_chunking`).
+batches on a single CPU device run one such loop per chunk of their groups
+(:func:`_chunking`).
 
 Diagnostics. At the root ``p * (z - y) + t z / ||z|| = 0``; at an iterate
 ``rh`` the residual of that optimality condition is
@@ -175,7 +176,7 @@ def exact_solve(
   batch (each group is independent, so every leaf's result equals its solo
   solve, up to the summation order where one of the two is chunked;
   ``tests/test_performance_exact.py``). Batches share one
-  ``lax.while_loop``, except large batches on CPU (at least
+  ``lax.while_loop``, except large batches on a single CPU device (at least
   :data:`CHUNK_FROM` entries), which are solved chunk by chunk of their
   groups, each chunk's whole solve while it is in cache (:func:`_chunking`).
 
@@ -266,7 +267,7 @@ def _newton(batches: Sequence[tuple[GroupLeaf, _Scaled, jax.Array]], max_newton:
 
 
 CHUNK_FROM = 1 << 21
-"""Entries of a stacked batch from which it is solved chunk by chunk (CPU only)."""
+"""Entries of a stacked batch from which it is solved chunk by chunk (one CPU device only)."""
 CHUNK_ENTRIES = 1 << 19
 """Largest chunk, in entries (2 MiB per float32 array: the working set stays in cache)."""
 MIN_CHUNK_ENTRIES = 1 << 16
@@ -291,14 +292,13 @@ def _chunking(bleaf: GroupLeaf, shape: tuple[int, ...]) -> tuple[int, int] | Non
   the last bits of the sums; near the screening boundary, where ``1 - tau``
   is small, the root amplifies that as it amplifies any rounding of the
   inputs (measured: both layouts equally far from a float64 solve). Chunks
-  divide the axis evenly (one compiled chunk shape). Only on CPU: a GPU's
-  memory is not behind a small cache this way, and a sequential chunk loop
-  would leave it idle. Measured on the benchmark machine (2 cores): chunks
+  divide the axis evenly (one compiled chunk shape). Only on a single CPU
+  device (:func:`_chunking_pays`). Measured on the benchmark machine (2 cores): chunks
   of 65K-131K entries made the update of the 1e6-parameter CNN (largest leaf
   518,400 entries) 12-14% slower, hence :data:`CHUNK_FROM`.
   """
   size = math.prod(shape)
-  if size < CHUNK_FROM or jax.default_backend() != "cpu":
+  if size < CHUNK_FROM or not _chunking_pays():
     return None
   for axis, n in enumerate(shape):
     if axis in bleaf.reduce_axes:
@@ -307,6 +307,21 @@ def _chunking(bleaf: GroupLeaf, shape: tuple[int, ...]) -> tuple[int, int] | Non
     if k is not None and size // k >= MIN_CHUNK_ENTRIES:
       return axis, k
   return None
+
+
+def _chunking_pays() -> bool:
+  """Whether chunked solves are used here: one CPU device.
+
+  A GPU's memory is not behind a small cache this way, and a sequential
+  chunk loop would leave it idle. With several devices the leaves may be
+  sharded along the chunked axis, which is not visible at trace time, and
+  GSPMD then gathers every chunk: an update of a 4.5M-parameter model sharded
+  8 ways over simulated CPU devices took 1.0-1.3 s chunked against
+  0.06-0.09 s unchunked (BENCHMARKS.md, "Chunked solves"). Replicated or
+  ``shard_map`` per-device updates would not suffer, but cannot be told apart
+  here, so they keep the unchunked solve too.
+  """
+  return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
 def _regularized_z(s: _Scaled, rh: jax.Array) -> jax.Array:
