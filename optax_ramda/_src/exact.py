@@ -142,10 +142,7 @@ def _finish(p: LeafProblem, s: _Scaled, rh: jax.Array) -> jax.Array:
   ``t``, inside the same elementwise pass (both branches read the same
   ``x0, V, P``), so it costs arithmetic, not memory traffic.
   """
-  c = s.inv_pmax * rh  # per group
-  z = s.b * c / (s.p * c + s.tau)
-  z = jnp.where(s.keep, z, 0)
-  return jnp.where(p.threshold > 0, z, unregularized_point(p))
+  return jnp.where(p.threshold > 0, _regularized_z(s, rh), unregularized_point(p))
 
 
 def exact_solve(
@@ -197,30 +194,27 @@ def exact_solve(
   batches: dict[Any, list[int]] = {}
   for i, (leaf, p) in enumerate(zip(leaves, problems)):
     batches.setdefault((leaf, p.metric.shape, p.metric.dtype), []).append(i)
-  looped, solved = [], {}
-  for pos, ((leaf, shape, _), idx) in enumerate(batches.items()):
+  done, looped = [], []  # (idx, t, (z, iterations, secular)); the batches left for one loop
+  for (leaf, shape, _), idx in batches.items():
     ps = [problems[i] for i in idx]
     bleaf = _stacked(leaf, len(idx))
     t = jnp.stack([p.threshold for p in ps]).reshape((len(idx),) + (1,) * len(shape))
     chunks = _chunking(bleaf, (len(idx), *shape))
     if chunks is not None:
-      solved[pos] = _solve_chunked(bleaf, ps, t, *chunks, max_newton)
+      done.append((idx, t, _solve_chunked(bleaf, ps, t, *chunks, max_newton)))
       continue
     b = jnp.stack([p.metric * p.centre - p.linear for p in ps])
     s, rh = _scale(bleaf, b, jnp.stack([p.metric for p in ps]), t)
-    looped.append((pos, bleaf, t, s, rh))
-  rhs, iters, secs = _newton([(bleaf, s, rh) for _, bleaf, _, s, rh in looped], max_newton)
-  for (pos, _, t, s, _), rh, it, sec in zip(looped, rhs, iters, secs):
-    ps = [problems[i] for i in list(batches.values())[pos]]
+    looped.append((idx, ps, bleaf, t, s, rh))
+  rhs, iters, secs = _newton([(bleaf, s, rh) for _, _, bleaf, _, s, rh in looped], max_newton)
+  for (idx, ps, _, t, s, _), rh, it, sec in zip(looped, rhs, iters, secs):
     if len(ps) == 1:
       z = _finish(ps[0], jax.tree.map(lambda a: a[0], s), rh[0])[None]
     else:
       z = _finish_batch(ps, s, rh, t)
-    solved[pos] = (z, it, sec)
+    done.append((idx, t, (z, it, sec)))
   sols: list[LeafSolution | None] = [None] * len(problems)
-  for pos, idx in enumerate(batches.values()):
-    z, it, sec = solved[pos]
-    t = jnp.stack([problems[i].threshold for i in idx]).reshape((len(idx),) + (1,) * (z.ndim - 1))
+  for idx, t, (z, it, sec) in done:
     res = jnp.sqrt(jnp.sum(jnp.square(t * sec), axis=tuple(range(1, sec.ndim))))
     it = jnp.max(it.reshape(len(idx), -1), axis=1, initial=0).astype(jnp.int32)
     zs = [z[j] for j in range(len(idx))]
@@ -337,27 +331,26 @@ def _solve_chunked(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Array, ax
   A ``lax.fori_loop`` over the chunks; each runs the whole solve (scaling,
   its own Newton loop, ``z``) on its slice and writes ``z`` and the per-group
   diagnostics in place. A single leaf's ``b`` is formed inside the chunk from
-  ``x0``, ``V`` and ``P`` (no full-size ``b``), and so is its ``t == 0`` branch
-  ``x0 - V / P`` (spec §6 item 7); a stacked batch stacks ``b`` and ``P`` as
-  the loop does, with ``x0 - V / P`` in the place of ``b`` for a leaf with
-  ``t == 0``.
+  ``x0``, ``V`` and ``P`` (no full-size ``b``); a stacked batch stacks ``b``
+  and ``P`` as the loop does. Either way a leaf with ``t == 0`` holds
+  ``x0 - V / P`` (spec §6 item 7) in the place of ``b``, and that is its ``z``.
   """
+  # A leaf without strength has no b; its slot holds its answer instead,
+  # z = x0 - V / P (spec §6 item 7), chosen on the scalar t inside the same
+  # elementwise pass (so it costs arithmetic, not traffic), and passed through
+  # at the end of the chunk: no stacked x0 and V, and no lax.cond, whose
+  # branch returning the loop's z would copy it.
+  def b_or_answer(p: LeafProblem) -> jax.Array:
+    return jnp.where(p.threshold > 0, p.metric * p.centre - p.linear, unregularized_point(p))
+
   single = len(ps) == 1
   if single:
     ins = tuple(a[None] for a in (ps[0].centre, ps[0].linear, ps[0].metric))
   else:
-    # A leaf without strength has no b; its slot holds its answer instead,
-    # z = x0 - V / P (spec §6 item 7), chosen on the scalar t inside the same
-    # elementwise pass (so it costs arithmetic, not traffic), and is passed
-    # through below: no stacked x0 and V, and no lax.cond, whose branch
-    # returning the loop's z would copy it.
-    ins = (jnp.stack([jnp.where(p.threshold > 0, p.metric * p.centre - p.linear,
-                                unregularized_point(p)) for p in ps]),
-           jnp.stack([p.metric for p in ps]))
+    ins = (jnp.stack([b_or_answer(p) for p in ps]), jnp.stack([p.metric for p in ps]))
   shape = ins[0].shape
   width = shape[axis] // chunks
   gshape = tuple(1 if a in bleaf.reduce_axes else n for a, n in enumerate(shape))
-  dtype = ins[0].dtype
 
   def body(c, carry):
     def cut(a):
@@ -371,21 +364,16 @@ def _solve_chunked(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Array, ax
     # disjoint): z takes P's buffer instead of one of its own.
     p = cut(z_all)
     if single:
-      x0, v = cut(ins[0]), cut(ins[1])
-      b = p * x0 - v
+      b = b_or_answer(LeafProblem(cut(ins[0]), cut(ins[1]), p, p, tc))
     else:
       b = cut(ins[0])
-    s, rh0 = _scale(bleaf, b, p, tc)
+    s, rh0 = _scale(bleaf, b, p, tc)  # t == 0: no group kept, whatever b holds
     (rh,), (it,), (sec,) = _newton([(bleaf, s, rh0)], max_newton)
-    z = _regularized_z(s, rh)
-    if single:
-      z = jnp.where(tc > 0, z, unregularized_point(LeafProblem(x0, v, p, p, tc)))
-    else:
-      z = jnp.where(tc > 0, z, b)  # b holds x0 - V / P where t == 0
+    z = jnp.where(tc > 0, _regularized_z(s, rh), b)
     put = lambda buf, val: lax.dynamic_update_slice_in_dim(buf, val, c * width, axis)
     return put(z_all, z), put(it_all, it), put(sec_all, sec)
 
-  init = (ins[-1], jnp.zeros(gshape, jnp.int32), jnp.zeros(gshape, dtype))
+  init = (ins[-1], jnp.zeros(gshape, jnp.int32), jnp.zeros(gshape, ins[-1].dtype))
   return lax.fori_loop(0, chunks, body, init)
 
 
