@@ -89,12 +89,14 @@ def optimizers(params) -> dict[str, optax.GradientTransformation]:
 
 
 def iteration_vector(state) -> jax.Array:
-  """Solver iterations of every leaf as one new int32 vector (empty if none)."""
+  """Solver iterations of every leaf as one int32 vector (empty if none).
+
+  The solve stage keeps them as one vector per field (``SolveState``).
+  """
   its = optax.tree_utils.tree_get(state, "iterations", default=None)
-  leaves = jax.tree.leaves(its)
-  if not leaves:
+  if its is None:
     return jnp.zeros([0], jnp.int32)
-  return jnp.stack([jnp.asarray(x, jnp.int32) for x in leaves])
+  return jnp.asarray(its, jnp.int32).reshape(-1)
 
 
 def make_step(opt) -> Callable:

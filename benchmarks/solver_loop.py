@@ -54,7 +54,7 @@ def bench(solver, params, grads, reps):
     out = compiled(grads, state, params)
     jax.block_until_ready(out)
     times.append(time.perf_counter() - t0)
-  iters = [int(i) for i in jax.tree.leaves(optax.tree_utils.tree_get(out[1], "iterations"))]
+  iters = [int(i) for i in optax.tree_utils.tree_get(out[1], "iterations")]
   return compile_s, statistics.median(times), sum(iters) / max(1, sum(i > 0 for i in iters))
 
 

@@ -27,7 +27,7 @@ from optax_ramda._src.preconditioners import (
 )
 from optax_ramda._src.regularizers import GroupLasso, Regularizer, group_lasso, l1
 from optax_ramda._src.schedule import StageSchedule
-from optax_ramda._src.solve import SolveState, solve_subproblem
+from optax_ramda._src.solve import SolveState, solve_diagnostics, solve_subproblem
 from optax_ramda._src.structure import LeafStructure, StructureReport, structure
 from optax_ramda._src.subproblem import DualAverage, Subproblem
 
@@ -70,6 +70,7 @@ __all__ = [
     "ramda",
     "rmda",
     "sgd_subproblem",
+    "solve_diagnostics",
     "solve_subproblem",
     "sqrt_count_metric",
     "structure",

@@ -58,20 +58,73 @@ def test_spread_metric_iterations_and_boundary():
     assert np.max(res / nb) < 1e-10
 
 
-def test_diagnostics_readable_with_tree_get():
+def test_diagnostics_readable_per_leaf():
   params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
   reg = optax_ramda.group_lasso({"w": GroupSpec((1,)), "b": None})
   grads = jax.tree.map(lambda x: 0.3 * jnp.arange(x.size, dtype=x.dtype).reshape(x.shape), params)
   for solver in ("pg", "exact"):
     opt = optax_ramda.ramda(0.1, 1e-2, reg, solver=solver)
     state = opt.init(params)
+    before = optax_ramda.solve_diagnostics(state, params)
+    assert float(before.residual["w"]) == solvers.NOT_MEASURED
     _, state = jax.jit(opt.update)(grads, state, params)
+    diag = optax_ramda.solve_diagnostics(state, params)
+    assert jax.tree.structure(diag.iterations) == jax.tree.structure(params)
+    assert int(diag.iterations["b"]) == 0 and float(diag.residual["b"]) == 0  # unregularized
+    assert int(diag.iterations["w"]) >= 1
+    assert np.isfinite(float(diag.residual["w"]))
+    assert int(diag.solve_count) == 1
+    # tree_get finds the vectors, one entry per leaf in jax.tree.leaves order.
     its = optax.tree_utils.tree_get(state, "iterations")
-    res = optax.tree_utils.tree_get(state, "residual")
-    assert int(its["b"]) == 0 and float(res["b"]) == 0  # unregularized
-    assert int(its["w"]) >= 1
-    assert np.isfinite(float(res["w"]))
-    assert int(optax.tree_utils.tree_get(state, "solve_count")) == 1
+    assert its.shape == (2,) and its.dtype == jnp.int32
+    np.testing.assert_array_equal(its, [diag.iterations["b"], diag.iterations["w"]])
+    # The same inside jit.
+    jitted = jax.jit(lambda s, p: optax_ramda.solve_diagnostics(s, p).iterations)(state, params)
+    assert int(jitted["w"]) == int(diag.iterations["w"])
+
+
+def test_diagnostics_found_through_wrappers():
+  params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
+  reg = optax_ramda.group_lasso({"w": GroupSpec((1,)), "b": None})
+  grads = jax.tree.map(lambda x: 0.3 * jnp.ones_like(x), params)
+  wrapped = {
+      "inject": optax.inject_hyperparams(optax_ramda.ramda, static_args=("regularizer",))(
+          learning_rate=0.1, strength=1e-2, regularizer=reg
+      ),
+      "multisteps": optax.MultiSteps(optax_ramda.ramda(0.1, 1e-2, reg), every_k_schedule=1),
+      "chain": optax.chain(optax.clip_by_global_norm(1.0), optax_ramda.prox_adamw(0.1, 1e-2, reg)),
+  }
+  for name, opt in wrapped.items():
+    state = opt.init(params)
+    _, state = jax.jit(opt.update)(grads, state, params)
+    diag = optax_ramda.solve_diagnostics(state, params)
+    assert int(diag.solve_count) == 1, name
+    assert float(diag.residual["w"]) >= 0, name
+
+
+def test_diagnostics_errors_name_the_fix():
+  params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
+  reg = optax_ramda.group_lasso({"w": GroupSpec((1,)), "b": None})
+  with pytest.raises(ValueError, match="exactly one solve stage; this one has 0"):
+    optax_ramda.solve_diagnostics(optax.adamw(1e-3).init(params), params)
+  two = optax.chain(optax_ramda.ramda(0.1, 1e-2, reg), optax_ramda.ramda(0.1, 1e-2, reg))
+  with pytest.raises(ValueError, match="has 2"):
+    optax_ramda.solve_diagnostics(two.init(params), params)
+  state = optax_ramda.ramda(0.1, 1e-2, reg).init(params)
+  with pytest.raises(ValueError, match="saw 2 parameter leaves, params has 1"):
+    optax_ramda.solve_diagnostics(state, {"w": params["w"]})
+
+
+def test_diagnostics_dtype_follows_the_solves():
+  with jax.enable_x64(True):
+    params = {"w": jnp.ones((8, 4), jnp.float64), "h": jnp.ones((4, 4), jnp.bfloat16)}
+    reg = optax_ramda.group_lasso(GroupSpec((1,)))
+    st = optax_ramda.solve_subproblem(reg, 1e-2).init(params)
+    assert st.residual.dtype == jnp.float64 and st.iterations.dtype == jnp.int32
+  params = {"h": jnp.ones((4, 4), jnp.bfloat16)}
+  st = optax_ramda.solve_subproblem(optax_ramda.group_lasso(GroupSpec((1,))), 1e-2).init(params)
+  assert st.residual.dtype == jnp.float32
+  assert optax_ramda.solve_subproblem().init({}).residual.shape == (0,)
 
 
 def test_exact_beats_paper_pg_on_residual_in_ramda():
@@ -91,8 +144,8 @@ def test_exact_beats_paper_pg_on_residual_in_ramda():
         g = {"w": jnp.asarray(np.random.default_rng(k).normal(size=(64, 32)))}
         upd, st = update(g, st, params)
       states[solver] = st
-    r_pg = float(optax.tree_utils.tree_get(states["pg"], "residual")["w"])
-    r_ex = float(optax.tree_utils.tree_get(states["exact"], "residual")["w"])
+    r_pg = float(optax_ramda.solve_diagnostics(states["pg"], params).residual["w"])
+    r_ex = float(optax_ramda.solve_diagnostics(states["exact"], params).residual["w"])
     assert r_ex < 1e-3 * r_pg, (r_ex, r_pg)
 
 

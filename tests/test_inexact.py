@@ -73,8 +73,8 @@ def test_schedule_in_optimizer_and_bad_power():
   for _ in range(3):
     u, st = upd(g, st, params)
     params = optax.apply_updates(params, u)
-  res = float(optax.tree_utils.tree_get(st, "residual")["w"])
-  its = int(optax.tree_utils.tree_get(st, "iterations")["w"])
+  diag = optax_ramda.solve_diagnostics(st, params)
+  res, its = float(diag.residual["w"]), int(diag.iterations["w"])
   # The third solve (count 2) stopped on the rule or on the cap.
   assert its == 1000 or res <= float(sched(jnp.asarray(2)))
   assert its >= 2

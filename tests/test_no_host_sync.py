@@ -85,5 +85,5 @@ def test_update_has_no_host_transfers_and_compiles_once(name):
   # Reading the diagnostics back is an explicit transfer, outside the guard.
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
   if name in ITERATIVE:
-    total = sum(int(i) for it in iterations for i in jax.tree.leaves(it))
+    total = sum(int(jnp.sum(it)) for it in iterations if it is not None)
     assert total > 0, "the solver never iterated: the test would not exercise its loop"

@@ -76,7 +76,7 @@ def test_ramda_nuclear_pg_reduces_rank_and_reports_iterations():
     g = {"w": jnp.asarray(np.random.default_rng(k).normal(size=(8, 6)))}
     upd, st = update(g, st, params)
     params = optax.apply_updates(params, upd)
-  its = int(optax.tree_utils.tree_get(st, "iterations")["w"])
+  its = int(optax_ramda.solve_diagnostics(st, params).iterations["w"])
   assert 1 <= its <= 5  # paper cap max_iters = 5
   assert float(optax_ramda.low_rank_level(params, reg)) > 0
 
@@ -170,7 +170,7 @@ def test_prox_adamw_nuclear_end_to_end():
   loss0 = float(loss(params))
   for _ in range(400):
     params, st = step(params, st)
-  its = int(optax.tree_utils.tree_get(st, "iterations")["w"])
+  its = int(optax_ramda.solve_diagnostics(st, params).iterations["w"])
   assert 1 <= its <= 5
   assert float(loss(params)) < 0.05 * loss0
   s = np.linalg.svd(np.asarray(params["w"]), compute_uv=False)
