@@ -332,17 +332,10 @@ def solve_subproblem(
     results = unpack(results)
     z = treedef.unflatten([r.z for r in results])
     dt = state.residual.dtype
-
-    def vector(values, dtype):
-      # One array per field; an empty tree gives an empty vector.
-      return jnp.stack([jnp.asarray(v, dtype) for v in values] or [jnp.zeros([], dtype)])[
-          : len(values)
-      ]
-
-    new_state = SolveState(
-        iterations=vector([r.iterations for r in results], jnp.int32),
-        relative_decrease=vector([r.relative_decrease for r in results], dt),
-        residual=vector([r.residual for r in results], dt),
+    new_state = SolveState(  # one vector per field (an empty tree: empty vectors)
+        iterations=jnp.asarray([r.iterations for r in results], jnp.int32),
+        relative_decrease=jnp.asarray([r.relative_decrease for r in results], dt),
+        residual=jnp.asarray([r.residual for r in results], dt),
         solve_count=state.solve_count + 1,
     )
     return z, new_state
