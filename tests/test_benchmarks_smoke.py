@@ -34,3 +34,20 @@ def test_update_section_runs_and_records_every_optimizer(tmp_path):
   assert by["adamw"]["vs_adamw"] == 1.0
   assert "allocator_env" in rec["machine"]
   assert "| ramda exact |" in proc.stdout
+
+
+def test_compile_profile_splits_xla_time_and_counts_kernels(tmp_path):
+  out = tmp_path / "compile.json"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "compile_profile.py"), "--layers", "1",
+       "--repeats", "1", "--optimizers", "adamw,ramda exact", "--json", str(out)],
+      capture_output=True, text=True, timeout=600, cwd=ROOT,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {r["optimizer"]: r for r in json.loads(out.read_text())["rows"]}
+  assert set(rows) == {"adamw", "ramda exact"}
+  for r in rows.values():
+    # The CPU compiler's log lines and dump files were found and parsed.
+    assert 0 < r["hlo_passes_s"] < r["compile_s"] and 0 < r["llvm_s"] < r["compile_s"]
+    assert r["kernels"] > 0 and r["fusions"] > 0 and r["instructions"] > 0
+  assert "| ramda exact |" in proc.stdout
