@@ -12,14 +12,20 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_update_section_runs_and_records_every_optimizer(tmp_path):
-  out = tmp_path / "bench.json"
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+  """Runs ``benchmarks/<script>`` with ``args`` from the repository root; asserts success."""
   proc = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--sizes", "1e4",
-       "--families", "cnn", "--sections", "update", "--json", str(out)],
+      [sys.executable, str(ROOT / "benchmarks" / script), *args],
       capture_output=True, text=True, timeout=600, cwd=ROOT,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def test_update_section_runs_and_records_every_optimizer(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = _run("run.py", "--sizes", "1e4", "--families", "cnn", "--sections", "update",
+              "--json", str(out))
   rec = json.loads(out.read_text())
   names = [r["optimizer"] for r in rec["update"]]
   for want in ("adamw", "madgrad", "ramda (no reg)", "ramda exact", "ramda pg", "rmda",
@@ -38,12 +44,8 @@ def test_update_section_runs_and_records_every_optimizer(tmp_path):
 
 def test_compile_profile_splits_xla_time_and_counts_kernels(tmp_path):
   out = tmp_path / "compile.json"
-  proc = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "compile_profile.py"), "--layers", "1",
-       "--repeats", "1", "--optimizers", "adamw,ramda exact", "--json", str(out)],
-      capture_output=True, text=True, timeout=600, cwd=ROOT,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = _run("compile_profile.py", "--layers", "1", "--repeats", "1", "--optimizers",
+              "adamw,ramda exact", "--json", str(out))
   rows = {r["optimizer"]: r for r in json.loads(out.read_text())["rows"]}
   assert set(rows) == {"adamw", "ramda exact"}
   for r in rows.values():
