@@ -83,6 +83,46 @@ def test_diagnostics_readable_per_leaf():
     assert int(jitted["w"]) == int(diag.iterations["w"])
 
 
+def test_diagnostic_vectors_match_solo_solves_in_a_mixed_tree():
+  # The solve stage writes the exact solver's diagnostics from its batches'
+  # vectors with one gather: batches of several shapes, interleaved with
+  # unregularized leaves, must land on the right leaves. Each leaf's solve
+  # (groups are independent) and so its diagnostics equal its solo run's.
+  shapes = {"a": (6, 4), "b": (5,), "c": (6, 4), "d": (3, 7), "e": (6, 4), "f": (3, 7),
+            "g": (2,)}
+  spec = {"a": GroupSpec((1,)), "b": None, "c": GroupSpec((1,)), "d": GroupSpec((0,)),
+          "e": GroupSpec((1,)), "f": GroupSpec((0,)), "g": None}
+  rng = np.random.default_rng(3)
+  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+  grads = [{k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+           for _ in range(3)]
+  for g in grads:  # "c": a constant metric in each group, so fewer Newton steps
+    g["c"] = jnp.broadcast_to(g["c"][:, :1], shapes["c"])
+
+  def run(keys):
+    opt = optax_ramda.ramda(0.1, 0.05, optax_ramda.group_lasso({k: spec[k] for k in keys}))
+    p = {k: params[k] for k in keys}
+    st = opt.init(p)
+    step = jax.jit(opt.update)
+    for g in grads:
+      upd, st = step({k: g[k] for k in keys}, st, p)
+      p = optax.apply_updates(p, upd)
+    return p, optax_ramda.solve_diagnostics(st, p)
+
+  p_all, d_all = run(list(shapes))
+  its = {k: int(v) for k, v in d_all.iterations.items()}
+  assert its["b"] == its["g"] == 0 and min(its[k] for k in "acdef") >= 1
+  # Distinct values, so that a misplaced entry shows.
+  assert len({its[k] for k in "acdef"}) > 1
+  assert len({float(d_all.residual[k]) for k in "acdef"}) == 5
+  for k in "acdef":
+    p_one, d_one = run([k])
+    np.testing.assert_array_equal(p_all[k], p_one[k])
+    assert its[k] == int(d_one.iterations[k]), k
+    assert float(d_all.residual[k]) == float(d_one.residual[k]), k
+    assert float(d_all.relative_decrease[k]) == 0
+
+
 def test_diagnostics_found_through_wrappers():
   params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
   reg = optax_ramda.group_lasso({"w": GroupSpec((1,)), "b": None})

@@ -292,3 +292,22 @@ def test_restart_branch_matches_elementwise_select():
     want = p if i in (0, 2) else before  # steps 0 and 2 restart
     jax.tree.map(np.testing.assert_array_equal, state[0].centre, want)
     p = optax.apply_updates(p, u)
+
+
+def test_exact_diagnostics_add_no_reduction_per_leaf():
+  # The exact solver's iterations and residual reach SolveState as its
+  # batches' vectors (one gather), not as one masked sum per leaf and field:
+  # those were two small kernels per leaf at every update (BENCHMARKS.md,
+  # "Diagnostics without per-leaf kernels"). Same-shape leaves form one batch,
+  # so the update's number of reductions does not depend on how many there are.
+  import re
+
+  def reductions(n, alias):
+    params = {f"w{i}": jnp.ones((16, 8)) for i in range(n)}
+    reg = optax_ramda.group_lasso({k: optax_ramda.GroupSpec((1,)) for k in params})
+    opt = alias(1e-2, 1e-3, reg)
+    jaxpr = jax.make_jaxpr(opt.update)(params, opt.init(params), params)
+    return len(re.findall(r"\breduce_sum\[", str(jaxpr)))
+
+  for alias in (optax_ramda.ramda, optax_ramda.prox_adamw):
+    assert reductions(12, alias) == reductions(4, alias), alias.__name__

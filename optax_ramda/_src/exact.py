@@ -182,8 +182,49 @@ def exact_solve(
   ``t (1/||q|| - 1)`` over its groups at the last evaluation.
   """
   del rtol, max_iters, min_iters, subgradient_tol, track_residual
+  sol = exact_solve_vectors(leaves, problems, max_newton)
+  where = {i: m for m, i in enumerate(sol.order)}  # leaf -> its entry of the vectors
+  return [
+      LeafSolution(z, _pick(sol.iterations, where[i]), jnp.zeros([], z.dtype),
+                   _pick(sol.residual, where[i]).astype(z.dtype))
+      for i, z in enumerate(sol.z)
+  ]
+
+
+class VectorSolution(NamedTuple):
+  """:func:`exact_solve_vectors`' answer: ``z`` per leaf, diagnostics as vectors.
+
+  ``iterations[m]`` and ``residual[m]`` belong to leaf ``order[m]`` (the
+  leaves' batches one after the other), so a caller places them with one
+  gather (``SolveState``'s vectors) instead of one kernel per leaf.
+  """
+
+  z: list[jax.Array]  # per leaf, in the problems' order
+  iterations: jax.Array  # (n,) int32
+  residual: jax.Array  # (n,), the promoted dtype of the leaves' solves
+  order: tuple[int, ...]  # the problem index of each entry of the vectors
+
+
+def exact_solve_vectors(
+    leaves: Sequence[GroupLeaf],
+    problems: Sequence[LeafProblem],
+    max_newton: int = DEFAULT_MAX_NEWTON,
+) -> VectorSolution:
+  """:func:`exact_solve` with the diagnostics of all leaves as two vectors.
+
+  The same solve, bit for bit; the solve stage uses it to write
+  ``SolveState``'s vectors straight from the batches' per-leaf vectors.
+  Picking each leaf's scalars out of its batch (:func:`_pick`) cost one small
+  kernel per leaf and field at every update (BENCHMARKS.md, "Diagnostics
+  without per-leaf kernels").
+
+  Example::
+
+    sol = exact_solve_vectors([leaf], [LeafProblem(x0, V, P, x0, t)])
+    z, steps = sol.z[0], sol.iterations[sol.order.index(0)]
+  """
   if not problems:
-    return []
+    return VectorSolution([], jnp.zeros([0], jnp.int32), jnp.zeros([0], jnp.float32), ())
   # Leaves with the same grouping, shape and dtype are solved as one stacked
   # array (ALGORITHMS.md §6: groups are independent, so a leaf's bits do not
   # depend on its batch-mates). A Transformer's 72 kernels make 3 batches:
@@ -213,16 +254,17 @@ def exact_solve(
     else:
       z = _finish_batch(ps, s, rh, t)
     done.append((idx, t, (z, it, sec)))
-  sols: list[LeafSolution | None] = [None] * len(problems)
+  zs: list[Any] = [None] * len(problems)
+  its, ress, order = [], [], []
   for idx, t, (z, it, sec) in done:
-    res = jnp.sqrt(jnp.sum(jnp.square(t * sec), axis=tuple(range(1, sec.ndim))))
-    it = jnp.max(it.reshape(len(idx), -1), axis=1, initial=0).astype(jnp.int32)
-    zs = [z[j] for j in range(len(idx))]
+    ress.append(jnp.sqrt(jnp.sum(jnp.square(t * sec), axis=tuple(range(1, sec.ndim)))))
+    its.append(jnp.max(it.reshape(len(idx), -1), axis=1, initial=0).astype(jnp.int32))
+    order.extend(idx)
     for j, i in enumerate(idx):
-      sols[i] = LeafSolution(
-          zs[j], _pick(it, j), jnp.zeros([], zs[j].dtype), _pick(res, j).astype(zs[j].dtype)
-      )
-  return sols
+      zs[i] = z[j]
+  rdt = jnp.result_type(*ress)
+  cat = lambda vs: vs[0] if len(vs) == 1 else jnp.concatenate(vs)
+  return VectorSolution(zs, cat(its), cat([r.astype(rdt) for r in ress]), tuple(order))
 
 
 def _newton(batches: Sequence[tuple[GroupLeaf, _Scaled, jax.Array]], max_newton: int):
@@ -384,6 +426,8 @@ def _pick(v: jax.Array, j: int) -> jax.Array:
   leaf for XLA to compile (the per-leaf diagnostics of a 72-leaf Transformer
   cost about 1 s of compile time that way); the masked sum compiles to one
   kernel shape for all leaves. It adds zeros to ``v[j]``, so it is exact.
+  (Only :func:`exact_solve`'s per-leaf answers use it; the solve stage takes
+  the vectors of :func:`exact_solve_vectors`.)
   """
   if v.shape[0] == 1:
     return v[0]

@@ -131,19 +131,6 @@ class Packing:
         out[p.index] = p.unpack(piece)
     return out
 
-  def unpack_solutions(self, sols: Sequence[Any]) -> list[Any]:
-    """Unpacks ``z`` of per-packed-leaf solutions (``NamedTuple`` with a ``z``);
-    every leaf of a tie gets the joint solve's diagnostics."""
-    if self.trivial:
-      return list(sols)
-    zs = self.unpack([s.z for s in sols])
-    out: list[Any] = [None] * self.size
-    for sol, idx in zip(sols, self.members):
-      for i in idx:
-        out[i] = sol._replace(z=zs[i])
-    return out
-
-
 def split(x: jax.Array, parts: Sequence[_Part]) -> list[jax.Array]:
   """The columns of a packed array that belong to each part."""
   bounds = [0, *itertools.accumulate(p.size for p in parts)]
@@ -212,7 +199,7 @@ def check_ties(names: Sequence[str], leaves: Sequence[Any]) -> None:
 
 def pack_problem(
     leaves: Sequence[Any], fields: Sequence[Sequence[Any]]
-) -> tuple[list[Any], list[list[Any]], Callable[[Sequence[Any]], list[Any]]]:
+) -> tuple[list[Any], list[list[Any]], Callable[[Sequence[Any]], list[Any]], tuple[int, ...]]:
   """Packs a subproblem's per-leaf fields for the solve stage.
 
   Args:
@@ -221,13 +208,19 @@ def pack_problem(
       come from the first (full size).
 
   Returns:
-    The packed leaves, the packed fields, and a function mapping the packed
-    leaves' solutions back to one per original leaf (:meth:`Packing.unpack_solutions`).
+    The packed leaves, the packed fields, a function mapping the packed
+    leaves' full-size solutions back to one per original leaf
+    (:meth:`Packing.unpack`), and for each original leaf the index of its
+    packed leaf (every leaf of a tie reports the joint solve's diagnostics).
   """
   plan = packing(leaves, [jnp.shape(x) for x in fields[0]])
+  source = [0] * plan.size
+  for k, idx in enumerate(plan.members):
+    for i in idx:
+      source[i] = k
   if plan.trivial:
-    return list(leaves), [list(f) for f in fields], list
-  return list(plan.leaves), [plan.pack(f) for f in fields], plan.unpack_solutions
+    return list(leaves), [list(f) for f in fields], list, tuple(source)
+  return list(plan.leaves), [plan.pack(f) for f in fields], plan.unpack, tuple(source)
 
 
 __all__ = ["Packing", "check_ties", "pack_problem", "packing"]
