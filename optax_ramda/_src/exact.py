@@ -57,7 +57,12 @@ import numpy as np
 from jax import lax
 
 from optax_ramda._src.groups import GroupLeaf
-from optax_ramda._src.solvers import LeafProblem, LeafSolution, unregularized_point
+from optax_ramda._src.solvers import (
+    LeafProblem,
+    LeafSolution,
+    VectorSolution,
+    unregularized_point,
+)
 
 DEFAULT_MAX_NEWTON = 40
 
@@ -191,28 +196,15 @@ def exact_solve(
   ]
 
 
-class VectorSolution(NamedTuple):
-  """:func:`exact_solve_vectors`' answer: ``z`` per leaf, diagnostics as vectors.
-
-  ``iterations[m]`` and ``residual[m]`` belong to leaf ``order[m]`` (the
-  leaves' batches one after the other), so a caller places them with one
-  gather (``SolveState``'s vectors) instead of one kernel per leaf.
-  """
-
-  z: list[jax.Array]  # per leaf, in the problems' order
-  iterations: jax.Array  # (n,) int32
-  residual: jax.Array  # (n,), the promoted dtype of the leaves' solves
-  order: tuple[int, ...]  # the problem index of each entry of the vectors
-
-
 def exact_solve_vectors(
     leaves: Sequence[GroupLeaf],
     problems: Sequence[LeafProblem],
     max_newton: int = DEFAULT_MAX_NEWTON,
 ) -> VectorSolution:
-  """:func:`exact_solve` with the diagnostics of all leaves as two vectors.
+  """:func:`exact_solve` with the diagnostics of all leaves as vectors.
 
-  The same solve, bit for bit; the solve stage uses it to write
+  The same solve, bit for bit (``relative_decrease`` is 0); it is
+  ``solvers.SOLVERS["exact"]``, with which the solve stage writes
   ``SolveState``'s vectors straight from the batches' per-leaf vectors.
   Picking each leaf's scalars out of its batch (:func:`_pick`) cost one small
   kernel per leaf and field at every update (BENCHMARKS.md, "Diagnostics
@@ -224,7 +216,7 @@ def exact_solve_vectors(
     z, steps = sol.z[0], sol.iterations[sol.order.index(0)]
   """
   if not problems:
-    return VectorSolution([], jnp.zeros([0], jnp.int32), jnp.zeros([0], jnp.float32), ())
+    return VectorSolution.of_leaves([])
   # Leaves with the same grouping, shape and dtype are solved as one stacked
   # array (ALGORITHMS.md §6: groups are independent, so a leaf's bits do not
   # depend on its batch-mates). A Transformer's 72 kernels make 3 batches:
@@ -264,7 +256,8 @@ def exact_solve_vectors(
       zs[i] = z[j]
   rdt = jnp.result_type(*ress)
   cat = lambda vs: vs[0] if len(vs) == 1 else jnp.concatenate(vs)
-  return VectorSolution(zs, cat(its), cat([r.astype(rdt) for r in ress]), tuple(order))
+  res = cat([r.astype(rdt) for r in ress])
+  return VectorSolution(zs, cat(its), jnp.zeros_like(res), res, tuple(order))
 
 
 def _newton(batches: Sequence[tuple[GroupLeaf, _Scaled, jax.Array]], max_newton: int):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from optax._src import base
 
-from optax_ramda._src import exact, nuclear, solvers, tied, validation
+from optax_ramda._src import nuclear, solvers, tied, validation
 from optax_ramda._src.groups import UNREGULARIZED, GroupLeaf
 from optax_ramda._src.regularizers import Regularizer
 from optax_ramda._src.subproblem import Subproblem
@@ -132,43 +132,32 @@ def diagnostics_dtype(xs: Any) -> jnp.dtype:
 
 def _diagnostic_vectors(
     scalars: list[solvers.LeafSolution | None],
-    from_vectors: tuple[Any, list[int]] | None,
+    from_vectors: tuple[solvers.VectorSolution, list[int]],
     source: tuple[int, ...],
     dt: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``SolveState``'s three vectors, one entry per original leaf.
 
   ``scalars`` holds each packed leaf's diagnostics as scalars, or ``None``
-  where they are entries of ``from_vectors = (exact.VectorSolution, packed
-  index of each of its entries)``; ``source`` maps each original leaf to its
-  packed leaf (a tie reports its joint solve). The vectors are one
-  concatenation of the pieces and one gather with constant indices, instead
-  of one kernel per leaf and field (BENCHMARKS.md, "Diagnostics without
-  per-leaf kernels").
+  where they are entries of ``from_vectors = (the group solver's
+  VectorSolution, packed index of each of its entries)``; ``source`` maps
+  each original leaf to its packed leaf (a tie reports its joint solve). The
+  vectors are one concatenation of the pieces and one gather with constant
+  indices, instead of one kernel per leaf and field (BENCHMARKS.md,
+  "Diagnostics without per-leaf kernels").
   """
-  pos = np.zeros(len(scalars), np.int64)  # packed leaf -> entry of the concatenation
-  pieces: list[tuple[jax.Array, jax.Array, jax.Array]] = []
-  n = 0
-  if from_vectors is not None:
-    vsol, idx = from_vectors
-    pos[idx] = np.arange(len(idx))
-    pieces.append((vsol.iterations, jnp.zeros([len(idx)], dt), vsol.residual.astype(dt)))
-    n = len(idx)
+  vsol, idx = from_vectors
   kept = [i for i, s in enumerate(scalars) if s is not None]
-  if kept:
-    pos[kept] = n + np.arange(len(kept))
-    pieces.append((
-        jnp.asarray([scalars[i].iterations for i in kept], jnp.int32),
-        jnp.asarray([scalars[i].relative_decrease for i in kept], dt),
-        jnp.asarray([scalars[i].residual for i in kept], dt),
-    ))
-  if not pieces:  # no leaves
-    return jnp.zeros([0], jnp.int32), jnp.zeros([0], dt), jnp.zeros([0], dt)
+  pos = np.zeros(len(scalars), np.int64)  # packed leaf -> entry of the concatenation
+  pos[idx] = np.arange(len(idx))
+  pos[kept] = len(idx) + np.arange(len(kept))
   take = pos[np.asarray(source, np.int64)]
   out = []
-  for f, fdt in enumerate((jnp.int32, dt, dt)):
-    v = jnp.concatenate([p[f] for p in pieces]) if len(pieces) > 1 else pieces[0][f]
-    v = v.astype(fdt)
+  for field, fdt in (("iterations", jnp.int32), ("relative_decrease", dt), ("residual", dt)):
+    v = jnp.concatenate([
+        getattr(vsol, field).astype(fdt),
+        jnp.asarray([getattr(scalars[i], field) for i in kept], fdt).reshape(-1),
+    ])
     out.append(v if np.array_equal(take, np.arange(len(v))) else v[take])
   return out[0], out[1], out[2]
 
@@ -339,7 +328,7 @@ def solve_subproblem(
     ]
     leaves, fields, unpack, source = tied.pack_problem(leaves, fields)  # joint groups (tie)
     zs: list[Any] = [None] * len(leaves)
-    # Diagnostics per packed leaf: a LeafSolution, or None where the exact
+    # Diagnostics per packed leaf: a LeafSolution, or None where the group
     # solver's vectors hold them (``from_vectors``).
     scalars: list[solvers.LeafSolution | None] = [None] * len(leaves)
     pending, pending_leaves, pending_idx = [], [], []
@@ -369,21 +358,15 @@ def solve_subproblem(
         pending_idx.append(i)
         continue
       zs[i], scalars[i] = sol.z, sol
-    from_vectors = None
-    if pending and solver == "exact":
-      vsol = exact.exact_solve_vectors(pending_leaves, pending)
-      for k, i in enumerate(pending_idx):
-        zs[i] = vsol.z[k]
-      from_vectors = (vsol, [pending_idx[k] for k in vsol.order])
-    elif pending:
-      tol = subgradient_tol
-      if callable(tol):
-        tol = tol(state.solve_count)
-      sols = solve_many(
-          pending_leaves, pending, rtol, max_iters, min_iters, tol, bool(track_residual)
-      )
-      for i, sol in zip(pending_idx, sols):
-        zs[i], scalars[i] = sol.z, sol
+    tol = subgradient_tol
+    if callable(tol):
+      tol = tol(state.solve_count)
+    vsol = solve_many(
+        pending_leaves, pending, rtol, max_iters, min_iters, tol, bool(track_residual)
+    )
+    for k, i in enumerate(pending_idx):
+      zs[i] = vsol.z[k]
+    from_vectors = (vsol, [pending_idx[k] for k in vsol.order])
     z = treedef.unflatten(unpack(zs))
     its, rels, ress = _diagnostic_vectors(scalars, from_vectors, source, state.residual.dtype)
     new_state = SolveState(its, rels, ress, solve_count=state.solve_count + 1)

@@ -240,6 +240,35 @@ def pg_solve_per_leaf(
   ]
 
 
+class VectorSolution(NamedTuple):
+  """Several leaves' answers: ``z`` per leaf, the diagnostics as vectors.
+
+  Entry ``m`` of ``iterations``, ``relative_decrease`` and ``residual``
+  belongs to leaf ``order[m]``, so the solve stage writes ``SolveState``'s
+  vectors with one gather instead of one kernel per leaf and field
+  (BENCHMARKS.md, "Diagnostics without per-leaf kernels"). What every entry
+  of :data:`SOLVERS` returns.
+  """
+
+  z: list[jax.Array]  # per leaf, in the problems' order
+  iterations: jax.Array  # (n,) int32
+  relative_decrease: jax.Array  # (n,)
+  residual: jax.Array  # (n,)
+  order: tuple[int, ...]  # the problem index of each entry of the vectors
+
+  @classmethod
+  def of_leaves(cls, sols: Sequence[LeafSolution]) -> VectorSolution:
+    """From per-leaf answers (in order); empty vectors for none."""
+    if not sols:
+      empty = jnp.zeros([0], jnp.float32)
+      return cls([], jnp.zeros([0], jnp.int32), empty, empty, ())
+    return cls(
+        [s.z for s in sols], jnp.stack([s.iterations for s in sols]).astype(jnp.int32),
+        jnp.stack([s.relative_decrease for s in sols]), jnp.stack([s.residual for s in sols]),
+        tuple(range(len(sols))),
+    )
+
+
 def direct_solution(z: jax.Array) -> LeafSolution:
   """A solution computed without iterating: 0 iterations, exact (residual 0)."""
   zero = jnp.zeros([], z.dtype)
@@ -265,16 +294,23 @@ def closed_form(leaf: GroupLeaf, p: LeafProblem) -> LeafSolution:
   return scalar_metric_prox(leaf.shrink, p)
 
 
-def _exact(*args, **kwargs):
+def _per_leaf(solve: Callable[..., list[LeafSolution]]) -> Callable[..., VectorSolution]:
+  return lambda *args, **kwargs: VectorSolution.of_leaves(solve(*args, **kwargs))
+
+
+def _exact(leaves, problems, rtol, max_iters, min_iters, subgradient_tol=None,
+           track_residual=False) -> VectorSolution:
+  """``exact.exact_solve_vectors``; the PG stopping rules do not apply to it."""
   from optax_ramda._src import exact  # exact.py imports this module
 
-  return exact.exact_solve(*args, **kwargs)
+  del rtol, max_iters, min_iters, subgradient_tol, track_residual
+  return exact.exact_solve_vectors(leaves, problems)
 
 
-SOLVERS = {"pg": pg_solve_per_leaf, "pg_fused": pg_solve, "exact": _exact}
+SOLVERS = {"pg": _per_leaf(pg_solve_per_leaf), "pg_fused": _per_leaf(pg_solve), "exact": _exact}
 """Diagonal-metric group-LASSO solvers by name: ``f(leaves, problems, rtol,
 max_iters, min_iters, subgradient_tol=None, track_residual=False) ->
-[LeafSolution]``."""
+VectorSolution``."""
 
 DEFAULT_SOLVER = "exact"
 """The group-LASSO solver of ``solver=None`` (measured in BENCHMARKS.md,
