@@ -234,7 +234,9 @@ def exact_solve_vectors(
     t = jnp.stack([p.threshold for p in ps]).reshape((len(idx),) + (1,) * len(shape))
     chunks = _chunking(bleaf, (len(idx), *shape))
     if chunks is not None:
-      done.append((idx, t, _solve_chunked(bleaf, ps, t, *chunks, max_newton)))
+      axis, k = chunks
+      solve = _solve_chunked_leaves if len(idx) > 1 and axis > 0 else _solve_chunked
+      done.append((idx, t, solve(bleaf, ps, t, axis, k, max_newton)))
       continue
     b = jnp.stack([p.metric * p.centre - p.linear for p in ps])
     s, rh = _scale(bleaf, b, jnp.stack([p.metric for p in ps]), t)
@@ -242,7 +244,7 @@ def exact_solve_vectors(
   rhs, iters, secs = _newton([(bleaf, s, rh) for _, _, bleaf, _, s, rh in looped], max_newton)
   for (idx, ps, _, t, s, _), rh, it, sec in zip(looped, rhs, iters, secs):
     if len(ps) == 1:
-      z = _finish(ps[0], jax.tree.map(lambda a: a[0], s), rh[0])[None]
+      z = [_finish(ps[0], jax.tree.map(lambda a: a[0], s), rh[0])]
     else:
       z = _finish_batch(ps, s, rh, t)
     done.append((idx, t, (z, it, sec)))
@@ -321,15 +323,23 @@ def _chunking(bleaf: GroupLeaf, shape: tuple[int, ...]) -> tuple[int, int] | Non
   the last bits of the sums, and ``z`` by what that rounding moves the root
   (measured: up to 1.9e-5 of a group's norm in float32, within the solve's
   own float32 error, with both layouts equally far from a float64 solve).
-  Chunks divide the axis evenly (one compiled chunk shape). Only on a single
-  CPU device (:func:`_chunking_pays`). Measured on the benchmark machine (2 cores): chunks
-  of 65K-131K entries made the update of the 1e6-parameter CNN (largest leaf
-  518,400 entries) 12-14% slower, hence :data:`CHUNK_FROM`.
+  Chunks divide the axis evenly (one compiled chunk shape). The leaves' own
+  axes are tried before the stacking axis 0: cut along a leaf axis, a batch
+  of several leaves needs no full-size stack of ``b`` and ``P``
+  (:func:`_solve_chunked_leaves`; RAMDA exact on the 1e7 Transformer: XLA
+  temporaries 2.30 -> 1.15 parameter copies, update 5.6-6.1x -> 4.0-4.2x
+  adamw, BENCHMARKS.md "Chunked solves of stacked batches"); whole leaves per
+  chunk (axis 0) remain for batches whose leaves cannot be cut evenly. Only
+  on a single CPU device (:func:`_chunking_pays`). Measured on the benchmark
+  machine (2 cores): chunks of 65K-131K entries made the update of the
+  1e6-parameter CNN (largest leaf 518,400 entries) 12-14% slower, hence
+  :data:`CHUNK_FROM`.
   """
   size = math.prod(shape)
   if size < CHUNK_FROM or not _chunking_pays():
     return None
-  for axis, n in enumerate(shape):
+  for axis in [*range(1, len(shape)), 0]:  # the leaves' own axes first
+    n = shape[axis]
     if axis in bleaf.reduce_axes:
       continue
     k = next((k for k in range(2, n + 1) if n % k == 0 and size // k <= CHUNK_ENTRIES), None)
@@ -359,6 +369,19 @@ def _regularized_z(s: _Scaled, rh: jax.Array) -> jax.Array:
   return jnp.where(s.keep, s.b * c / (s.p * c + s.tau), 0)
 
 
+def _b_or_answer(p: LeafProblem) -> jax.Array:
+  """``b = P x0 - V``, or, for a leaf without strength, its answer ``x0 - V / P``.
+
+  A leaf with ``t == 0`` is unregularized (spec §6 item 7): its slot of a
+  chunked solve (:func:`_solve_chunked`, :func:`_solve_chunked_leaves`)
+  holds its answer instead of ``b`` and passes it through. The
+  choice is on the scalar ``t`` inside the same elementwise pass (arithmetic,
+  not traffic), with no ``lax.cond``, whose branch returning the loop's ``z``
+  would copy it.
+  """
+  return jnp.where(p.threshold > 0, p.metric * p.centre - p.linear, unregularized_point(p))
+
+
 def _solve_chunked(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Array, axis: int,
                    chunks: int, max_newton: int):
   """One batch solved chunk by chunk along ``axis``: ``(z, iterations, secular)``.
@@ -366,23 +389,17 @@ def _solve_chunked(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Array, ax
   A ``lax.fori_loop`` over the chunks; each runs the whole solve (scaling,
   its own Newton loop, ``z``) on its slice and writes ``z`` and the per-group
   diagnostics in place. A single leaf's ``b`` is formed inside the chunk from
-  ``x0``, ``V`` and ``P`` (no full-size ``b``); a stacked batch stacks ``b``
-  and ``P`` as the loop does. Either way a leaf with ``t == 0`` holds
-  ``x0 - V / P`` (spec §6 item 7) in the place of ``b``, and that is its ``z``.
+  ``x0``, ``V`` and ``P`` (no full-size ``b``); a stacked batch chunked by
+  whole leaves (``axis == 0``) stacks ``b`` and ``P`` as the loop does (one
+  cut along a leaf's own axis goes to :func:`_solve_chunked_leaves` instead).
+  Either way a leaf with ``t == 0`` holds ``x0 - V / P`` (spec §6 item 7) in
+  the place of ``b`` (:func:`_b_or_answer`), and that is its ``z``.
   """
-  # A leaf without strength has no b; its slot holds its answer instead,
-  # z = x0 - V / P (spec §6 item 7), chosen on the scalar t inside the same
-  # elementwise pass (so it costs arithmetic, not traffic), and passed through
-  # at the end of the chunk: no stacked x0 and V, and no lax.cond, whose
-  # branch returning the loop's z would copy it.
-  def b_or_answer(p: LeafProblem) -> jax.Array:
-    return jnp.where(p.threshold > 0, p.metric * p.centre - p.linear, unregularized_point(p))
-
   single = len(ps) == 1
   if single:
     ins = tuple(a[None] for a in (ps[0].centre, ps[0].linear, ps[0].metric))
   else:
-    ins = (jnp.stack([b_or_answer(p) for p in ps]), jnp.stack([p.metric for p in ps]))
+    ins = (jnp.stack([_b_or_answer(p) for p in ps]), jnp.stack([p.metric for p in ps]))
   shape = ins[0].shape
   width = shape[axis] // chunks
   gshape = tuple(1 if a in bleaf.reduce_axes else n for a, n in enumerate(shape))
@@ -399,7 +416,7 @@ def _solve_chunked(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Array, ax
     # disjoint): z takes P's buffer instead of one of its own.
     p = cut(z_all)
     if single:
-      b = b_or_answer(LeafProblem(cut(ins[0]), cut(ins[1]), p, p, tc))
+      b = _b_or_answer(LeafProblem(cut(ins[0]), cut(ins[1]), p, p, tc))
     else:
       b = cut(ins[0])
     s, rh0 = _scale(bleaf, b, p, tc)  # t == 0: no group kept, whatever b holds
@@ -410,6 +427,50 @@ def _solve_chunked(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Array, ax
 
   init = (ins[-1], jnp.zeros(gshape, jnp.int32), jnp.zeros(gshape, ins[-1].dtype))
   return lax.fori_loop(0, chunks, body, init)
+
+
+def _solve_chunked_leaves(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Array,
+                          axis: int, chunks: int, max_newton: int):
+  """A batch of several leaves solved chunk by chunk along a leaf axis, unstacked.
+
+  The same chunks and the same solve as :func:`_solve_chunked` (``axis >=
+  1``: every leaf of the batch is cut at the same offset along its own axis
+  ``axis - 1``), but no full-size stack of ``b`` or ``P`` is made: the loop
+  carries each leaf's ``P``, which its ``z`` overwrites chunk by chunk, and
+  each chunk stacks only its slices of the leaves, forming ``b`` from each
+  leaf's ``x0``, ``V`` and ``P`` as a single leaf's chunk does. ``z`` comes
+  out as one array per leaf, so no per-leaf slice of a stacked ``z`` follows.
+  Full-size temporaries: one ``P`` per leaf instead of the stacks of ``b``
+  and ``P`` (:func:`_chunking`). ``b`` here is computed from the very ``P``
+  of the solve; a stacked ``b`` fused with its producers may be computed with
+  a ``P`` recomputed in another fusion, which XLA may round differently by an
+  ulp (measured on RAMDA's cube root), so results may differ from the stacked
+  layout's in the last bits.
+  """
+  shape = (len(ps), *ps[0].metric.shape)
+  la, width = axis - 1, shape[axis] // chunks
+  gshape = tuple(1 if a in bleaf.reduce_axes else k for a, k in enumerate(shape))
+  at = lambda c, a: lax.dynamic_slice_in_dim(a, c * width, width, la)
+
+  def body(c, carry):
+    zs, it_all, sec_all = carry
+    pc = [at(c, z) for z in zs]  # each leaf's P, where its chunks' z replace it
+    b = jnp.stack([
+        _b_or_answer(LeafProblem(at(c, p.centre), at(c, p.linear), m, m, p.threshold))
+        for p, m in zip(ps, pc)
+    ])
+    s, rh0 = _scale(bleaf, b, jnp.stack(pc), t)  # t == 0: no group kept
+    (rh,), (it,), (sec,) = _newton([(bleaf, s, rh0)], max_newton)
+    z = jnp.where(t > 0, _regularized_z(s, rh), b)
+    zs = tuple(lax.dynamic_update_slice_in_dim(zj, z[j], c * width, la)
+               for j, zj in enumerate(zs))
+    put = lambda buf, val: lax.dynamic_update_slice_in_dim(buf, val, c * width, axis)
+    return zs, put(it_all, it), put(sec_all, sec)
+
+  init = (tuple(p.metric for p in ps), jnp.zeros(gshape, jnp.int32),
+          jnp.zeros(gshape, ps[0].metric.dtype))
+  zs, it, sec = lax.fori_loop(0, chunks, body, init)
+  return list(zs), it, sec
 
 
 def _pick(v: jax.Array, j: int) -> jax.Array:
