@@ -328,7 +328,8 @@ def _chunking(bleaf: GroupLeaf, shape: tuple[int, ...]) -> tuple[int, int] | Non
   of several leaves needs no full-size stack of ``b`` and ``P``
   (:func:`_solve_chunked_leaves`; RAMDA exact on the 1e7 Transformer: XLA
   temporaries 2.30 -> 1.15 parameter copies, update 5.6-6.1x -> 4.0-4.2x
-  adamw, BENCHMARKS.md "Chunked solves of stacked batches"); whole leaves per
+  adamw with glibc's allocator, compile 0.3-1.1 s longer, BENCHMARKS.md
+  "Chunked solves of stacked batches"); whole leaves per
   chunk (axis 0) remain for batches whose leaves cannot be cut evenly. Only
   on a single CPU device (:func:`_chunking_pays`). Measured on the benchmark
   machine (2 cores): chunks of 65K-131K entries made the update of the
