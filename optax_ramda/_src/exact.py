@@ -383,6 +383,24 @@ def _b_or_answer(p: LeafProblem) -> jax.Array:
   return jnp.where(p.threshold > 0, p.metric * p.centre - p.linear, unregularized_point(p))
 
 
+def _solve_chunk(bleaf: GroupLeaf, b: jax.Array, p: jax.Array, t: jax.Array, max_newton: int):
+  """The whole solve of one chunk (stacked): ``(z, iterations, secular)``.
+
+  ``||b||``, ``max P``, the chunk's own Newton loop and ``z``. A leaf with
+  ``t == 0`` keeps no group, whatever its slot holds (its answer,
+  :func:`_b_or_answer`), and that slot is its ``z``.
+  """
+  s, rh0 = _scale(bleaf, b, p, t)
+  (rh,), (it,), (sec,) = _newton([(bleaf, s, rh0)], max_newton)
+  return jnp.where(t > 0, _regularized_z(s, rh), b), it, sec
+
+
+def _chunk_diagnostics(bleaf: GroupLeaf, shape: tuple[int, ...], dtype: Any):
+  """Zeroed per-group Newton steps and secular residuals of a stacked batch."""
+  gshape = tuple(1 if a in bleaf.reduce_axes else n for a, n in enumerate(shape))
+  return jnp.zeros(gshape, jnp.int32), jnp.zeros(gshape, dtype)
+
+
 def _solve_chunked(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Array, axis: int,
                    chunks: int, max_newton: int):
   """One batch solved chunk by chunk along ``axis``: ``(z, iterations, secular)``.
@@ -403,7 +421,6 @@ def _solve_chunked(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Array, ax
     ins = (jnp.stack([_b_or_answer(p) for p in ps]), jnp.stack([p.metric for p in ps]))
   shape = ins[0].shape
   width = shape[axis] // chunks
-  gshape = tuple(1 if a in bleaf.reduce_axes else n for a, n in enumerate(shape))
 
   def body(c, carry):
     def cut(a):
@@ -420,13 +437,11 @@ def _solve_chunked(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Array, ax
       b = _b_or_answer(LeafProblem(cut(ins[0]), cut(ins[1]), p, p, tc))
     else:
       b = cut(ins[0])
-    s, rh0 = _scale(bleaf, b, p, tc)  # t == 0: no group kept, whatever b holds
-    (rh,), (it,), (sec,) = _newton([(bleaf, s, rh0)], max_newton)
-    z = jnp.where(tc > 0, _regularized_z(s, rh), b)
+    z, it, sec = _solve_chunk(bleaf, b, p, tc, max_newton)
     put = lambda buf, val: lax.dynamic_update_slice_in_dim(buf, val, c * width, axis)
     return put(z_all, z), put(it_all, it), put(sec_all, sec)
 
-  init = (ins[-1], jnp.zeros(gshape, jnp.int32), jnp.zeros(gshape, ins[-1].dtype))
+  init = (ins[-1], *_chunk_diagnostics(bleaf, shape, ins[-1].dtype))
   return lax.fori_loop(0, chunks, body, init)
 
 
@@ -450,7 +465,6 @@ def _solve_chunked_leaves(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Ar
   """
   shape = (len(ps), *ps[0].metric.shape)
   la, width = axis - 1, shape[axis] // chunks
-  gshape = tuple(1 if a in bleaf.reduce_axes else k for a, k in enumerate(shape))
   at = lambda c, a: lax.dynamic_slice_in_dim(a, c * width, width, la)
 
   def body(c, carry):
@@ -460,16 +474,13 @@ def _solve_chunked_leaves(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Ar
         _b_or_answer(LeafProblem(at(c, p.centre), at(c, p.linear), m, m, p.threshold))
         for p, m in zip(ps, pc)
     ])
-    s, rh0 = _scale(bleaf, b, jnp.stack(pc), t)  # t == 0: no group kept
-    (rh,), (it,), (sec,) = _newton([(bleaf, s, rh0)], max_newton)
-    z = jnp.where(t > 0, _regularized_z(s, rh), b)
+    z, it, sec = _solve_chunk(bleaf, b, jnp.stack(pc), t, max_newton)
     zs = tuple(lax.dynamic_update_slice_in_dim(zj, z[j], c * width, la)
                for j, zj in enumerate(zs))
     put = lambda buf, val: lax.dynamic_update_slice_in_dim(buf, val, c * width, axis)
     return zs, put(it_all, it), put(sec_all, sec)
 
-  init = (tuple(p.metric for p in ps), jnp.zeros(gshape, jnp.int32),
-          jnp.zeros(gshape, ps[0].metric.dtype))
+  init = (tuple(p.metric for p in ps), *_chunk_diagnostics(bleaf, shape, ps[0].metric.dtype))
   zs, it, sec = lax.fori_loop(0, chunks, body, init)
   return list(zs), it, sec
 
