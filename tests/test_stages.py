@@ -8,7 +8,7 @@ import pytest
 from absl.testing import parameterized
 
 import optax_ramda
-from optax_ramda import StageSchedule
+from optax_ramda import GroupSpec, StageSchedule
 
 
 @pytest.fixture(autouse=True)
@@ -94,10 +94,58 @@ def test_adam_subproblem():
     v = b2 * v + (1 - b2) * g * g
     sub, state = opt.update(jnp.asarray(g), state, jnp.asarray(x))
     np.testing.assert_allclose(sub.centre, x * (1 - lr_t * wd), rtol=1e-15)
-    np.testing.assert_allclose(sub.linear, lr_t / (1 - b1**k) * m, rtol=1e-14)
+    np.testing.assert_allclose(sub.linear_scale * sub.linear, lr_t / (1 - b1**k) * m, rtol=1e-14)
     np.testing.assert_allclose(sub.metric, np.sqrt(v) / np.sqrt(1 - b2**k) + eps, rtol=1e-14)
     np.testing.assert_allclose(sub.scale, lr_t, rtol=1e-15)
     np.testing.assert_array_equal(sub.warm_start, sub.centre)
+
+
+def _scaled_subproblem(rng, dtype):
+  """The params and a Subproblem whose linear term is ``linear_scale * linear``."""
+  shapes = {"w": (6, 4), "s": (5, 3), "k": (4, 5), "b": (5,)}
+  x = {n: jnp.asarray(rng.normal(size=sh), dtype) for n, sh in shapes.items()}
+  m = {n: jnp.asarray(rng.normal(size=sh), dtype) for n, sh in shapes.items()}
+  # Diagonal metrics, except "s": a scalar (the closed-form prox).
+  p = {n: jnp.asarray(10.0 ** rng.uniform(-1, 1, size=sh), dtype) for n, sh in shapes.items()}
+  p["s"] = jnp.asarray(1.7, dtype)
+  scaled = optax_ramda.Subproblem(x, m, p, jnp.asarray(0.5), x, jnp.asarray(0.37, jnp.float32))
+  return x, scaled
+
+
+def _folded(sub):
+  """``sub`` with the product in ``linear``, as ProxGen's stage formed it before."""
+  a = sub.linear_scale
+  return sub._replace(linear=jax.tree.map(lambda v: a.astype(v.dtype) * v, sub.linear),
+                      linear_scale=None)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("reg, solver", [
+    ("group", None), ("group", "pg"), ("group", "pg_fused"), ("l1", None), ("nuclear", None),
+])
+def test_solve_stage_takes_the_linear_term_as_scale_times_linear(dtype, reg, solver):
+  """``linear_scale * linear`` solves bit for bit like the folded product, on every path."""
+  x, scaled = _scaled_subproblem(np.random.default_rng(4), dtype)
+  spec = {"w": GroupSpec((1,)), "s": GroupSpec((1,)), "b": None}
+  regs = {
+      "group": optax_ramda.group_lasso({**spec, "k": GroupSpec((0,))}),
+      "l1": optax_ramda.l1({"w": True, "s": True, "k": True, "b": False}),
+      "nuclear": optax_ramda.nuclear_norm({**spec, "k": optax_ramda.NuclearSpec()}),
+  }
+  stage = optax_ramda.solve_subproblem(regs[reg], strength=0.3, solver=solver)
+  state = stage.init(x)
+  z_scaled, st_scaled = jax.jit(stage.update)(scaled, state, x)
+  # Folded inside the same jit (XLA may keep a bf16 product in float32 there).
+  z_folded, st_folded = jax.jit(lambda sub, s, x: stage.update(_folded(sub), s, x))(
+      scaled, state, x
+  )
+  chex.assert_trees_all_equal(z_scaled, z_folded)
+  chex.assert_trees_all_equal(st_scaled, st_folded)
+  # Not vacuous: the regularizer moved "w" and "k" away from the unregularized point.
+  plain = optax_ramda.solve_subproblem(regs[reg], strength=0.0, solver=solver)
+  z_plain, _ = jax.jit(plain.update)(scaled, plain.init(x), x)
+  for name in ("w", "k"):
+    assert not np.allclose(z_scaled[name], z_plain[name]), name
 
 
 def test_sgd_subproblem():

@@ -238,6 +238,7 @@ def exact_solve_vectors(
       solve = _solve_chunked_leaves if len(idx) > 1 and axis > 0 else _solve_chunked
       done.append((idx, t, solve(bleaf, ps, t, axis, k, max_newton)))
       continue
+    ps = [p.folded() for p in ps]  # V as one array: the loop reads it only through b
     b = jnp.stack([p.metric * p.centre - p.linear for p in ps])
     s, rh = _scale(bleaf, b, jnp.stack([p.metric for p in ps]), t)
     looped.append((idx, ps, bleaf, t, s, rh))
@@ -380,7 +381,9 @@ def _b_or_answer(p: LeafProblem) -> jax.Array:
   not traffic), with no ``lax.cond``, whose branch returning the loop's ``z``
   would copy it.
   """
-  return jnp.where(p.threshold > 0, p.metric * p.centre - p.linear, unregularized_point(p))
+  return jnp.where(
+      p.threshold > 0, p.metric * p.centre - p.scaled_linear(), unregularized_point(p)
+  )
 
 
 def _solve_chunk(bleaf: GroupLeaf, b: jax.Array, p: jax.Array, t: jax.Array, max_newton: int):
@@ -434,7 +437,7 @@ def _solve_chunked(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Array, ax
     # disjoint): z takes P's buffer instead of one of its own.
     p = cut(z_all)
     if single:
-      b = _b_or_answer(LeafProblem(cut(ins[0]), cut(ins[1]), p, p, tc))
+      b = _b_or_answer(LeafProblem(cut(ins[0]), cut(ins[1]), p, p, tc, ps[0].linear_scale))
     else:
       b = cut(ins[0])
     z, it, sec = _solve_chunk(bleaf, b, p, tc, max_newton)
@@ -471,7 +474,8 @@ def _solve_chunked_leaves(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Ar
     zs, it_all, sec_all = carry
     pc = [at(c, z) for z in zs]  # each leaf's P, where its chunks' z replace it
     b = jnp.stack([
-        _b_or_answer(LeafProblem(at(c, p.centre), at(c, p.linear), m, m, p.threshold))
+        _b_or_answer(LeafProblem(at(c, p.centre), at(c, p.linear), m, m, p.threshold,
+                                 p.linear_scale))
         for p, m in zip(ps, pc)
     ])
     z, it, sec = _solve_chunk(bleaf, b, jnp.stack(pc), t, max_newton)

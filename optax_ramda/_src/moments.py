@@ -48,6 +48,9 @@ def adam_subproblem(
     D = sqrt(v) / sqrt(1 - b2^k) + eps
     linear = (lr / (1 - b1^k)) * m ;  metric = D ;  scale = lr
 
+  (``linear`` is passed as ``m`` with ``linear_scale = lr / (1 - b1^k)``:
+  see :class:`Subproblem`.)
+
   The warm start is the centre. ``lr`` decays by the schedule's ``gamma`` at
   each milestone (no restart).
 
@@ -94,7 +97,8 @@ def adam_subproblem(
     centre = jax.tree.map(lambda x: x * decay.astype(x.dtype), params)
     sub = Subproblem(
         centre=centre,
-        linear=jax.tree.map(lambda m: a.astype(m.dtype) * m, mu),
+        linear=mu,  # times linear_scale: the solve stage forms a * m where it uses it
+        linear_scale=a,
         metric=jax.tree.map(
             lambda v: jnp.sqrt(v) / jnp.sqrt(bc2).astype(v.dtype) + jnp.asarray(eps, v.dtype),
             nu,

@@ -340,8 +340,12 @@ def solve_subproblem(
         t = jnp.asarray(sub.scale * strength, dt)
       else:
         t = jnp.zeros([], dt)
+      scale = sub.linear_scale
+      solved = isinstance(leaf, GroupLeaf) and jnp.ndim(p) > 0  # by solve_many
+      if scale is not None and not (solved and v.dtype == dt):
+        v, scale = jnp.asarray(scale).astype(v.dtype) * v, None  # V = scale * linear
       prob = solvers.LeafProblem(
-          x0.astype(dt), v.astype(dt), jnp.asarray(p, dt), w.astype(dt), t
+          x0.astype(dt), v.astype(dt), jnp.asarray(p, dt), w.astype(dt), t, scale
       )
       if isinstance(leaf, nuclear.NuclearLeaf):
         if prob.metric.ndim == 0:

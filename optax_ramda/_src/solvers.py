@@ -48,13 +48,34 @@ from optax_ramda._src.groups import GroupLeaf
 
 
 class LeafProblem(NamedTuple):
-  """One regularized leaf's subproblem, in its compute dtype."""
+  """One regularized leaf's subproblem, in its compute dtype.
+
+  The linear term ``V`` is ``linear``, or ``linear_scale * linear`` when
+  ``linear_scale`` (a scalar) is given: ProxGen's ``(lr / (1 - b1^k)) m``
+  comes unmultiplied, so that the exact solver's chunked solves form it a
+  chunk at a time instead of as a full-size temporary (BENCHMARKS.md,
+  "ProxGen's linear term"). :meth:`scaled_linear` is ``V``; the PG solvers
+  take :meth:`folded` problems.
+  """
 
   centre: jax.Array  # x0
-  linear: jax.Array  # V
+  linear: jax.Array  # V, or V / linear_scale
   metric: jax.Array  # P (diagonal, same shape)
   warm_start: jax.Array
   threshold: jax.Array  # t (scalar): scale * strength * sqrt(|g|)
+  linear_scale: jax.Array | None = None  # None, or a scalar: V = linear_scale * linear
+
+  def scaled_linear(self) -> jax.Array:
+    """``V``: ``linear_scale * linear`` in ``linear``'s dtype, or ``linear``."""
+    if self.linear_scale is None:
+      return self.linear
+    return jnp.asarray(self.linear_scale).astype(self.linear.dtype) * self.linear
+
+  def folded(self) -> LeafProblem:
+    """The same problem with ``V`` in ``linear`` (``linear_scale`` None)."""
+    if self.linear_scale is None:
+      return self
+    return self._replace(linear=self.scaled_linear(), linear_scale=None)
 
 
 NOT_MEASURED = -1.0
@@ -86,7 +107,7 @@ def unregularized_point(p: LeafProblem) -> jax.Array:
   recompute the cube root from its intermediates, stored as three extra
   full-size temporaries (BENCHMARKS.md, "Profile").
   """
-  return p.centre - p.linear / jnp.abs(p.metric)
+  return p.centre - p.scaled_linear() / jnp.abs(p.metric)
 
 
 def subgradient_norm(leaf: GroupLeaf, p: LeafProblem, z: jax.Array) -> jax.Array:
@@ -295,7 +316,14 @@ def closed_form(leaf: GroupLeaf, p: LeafProblem) -> LeafSolution:
 
 
 def _per_leaf(solve: Callable[..., list[LeafSolution]]) -> Callable[..., VectorSolution]:
-  return lambda *args, **kwargs: VectorSolution.of_leaves(solve(*args, **kwargs))
+  """A PG solver as an entry of :data:`SOLVERS`; its loop reads ``V`` folded."""
+
+  def solve_vectors(leaves, problems, *args, **kwargs) -> VectorSolution:
+    return VectorSolution.of_leaves(
+        solve(leaves, [p.folded() for p in problems], *args, **kwargs)
+    )
+
+  return solve_vectors
 
 
 def _exact(leaves, problems, rtol, max_iters, min_iters, subgradient_tol=None,

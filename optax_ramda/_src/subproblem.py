@@ -53,7 +53,8 @@ class Subproblem(NamedTuple):
         + \tfrac12 \langle z - centre, metric \odot (z - centre)\rangle
         + scale \cdot strength \cdot \psi(z)
 
-  i.e. the ``metric``-scaled prox of ``y = centre - linear / metric``.
+  i.e. the ``metric``-scaled prox of ``y = centre - linear / metric``
+  (``linear`` times ``linear_scale`` where that is given).
 
   Attributes:
     centre: pytree like the params.
@@ -63,6 +64,12 @@ class Subproblem(NamedTuple):
       the identity: closed-form prox).
     scale: scalar multiplying ``strength * psi``.
     warm_start: pytree like the params, where an iterative solver starts.
+    linear_scale: ``None``, or a scalar: the linear term is then
+      ``linear_scale * linear`` (each leaf multiplied in its dtype), formed
+      by the solve stage where it is used. ProxGen passes its
+      ``(lr / (1 - b1^k)) m`` this way, so that the exact solver's chunked
+      solves never hold the product as a full-size temporary (BENCHMARKS.md,
+      "ProxGen's linear term").
   """
 
   centre: Any
@@ -70,3 +77,4 @@ class Subproblem(NamedTuple):
   metric: Any
   scale: jax.Array
   warm_start: Any
+  linear_scale: jax.Array | None = None
