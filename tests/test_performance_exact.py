@@ -148,21 +148,22 @@ def test_chunked_solves_match_the_single_loop(monkeypatch, dtype, shape, axes, t
     ],
 )
 def test_scaled_linear_term_is_formed_inside_the_chunks(monkeypatch, shape, axes, thresholds):
-  """``LeafProblem.linear_scale``: ``V = linear_scale * linear`` on every solve path.
+  """``LeafProblem``'s scales: ``V = linear_scale * linear``, ``x0 = centre * centre_scale``.
 
-  Unchunked, the product is formed before the solve, as from a folded
-  problem: bit-identical. Chunked, each chunk multiplies its own slice (no
-  full-size product), inside the fusion that forms ``b``; compared like
+  Unchunked, the products are formed before the solve, as from a folded
+  problem: bit-identical. Chunked, each chunk multiplies its own slices (no
+  full-size products), inside the fusion that forms ``b``; compared like
   ``test_chunked_solves_match_the_single_loop``.
   """
   leaf = group_leaf(GroupSpec(axes), np.zeros(shape), "w")
   probs = _problems(len(thresholds), shape, thresholds, jnp.float32, seed=5)
   median = np.median(leaf.norm(probs[0].metric * probs[0].centre - probs[0].linear))
-  a = jnp.asarray(0.3, jnp.float32)
-  scaled = [p._replace(threshold=p.threshold * median, linear=p.linear / a, linear_scale=a)
+  a, d = jnp.asarray(0.3, jnp.float32), jnp.asarray(0.9, jnp.float32)
+  scaled = [p._replace(threshold=p.threshold * median, linear=p.linear / a, linear_scale=a,
+                       centre=p.centre / d, centre_scale=d)
             for p in probs]
   folded = [p.folded() for p in scaled]
-  assert all(p.linear_scale is None for p in folded)
+  assert all(p.linear_scale is None and p.centre_scale is None for p in folded)
   solver = lambda: lambda ps: exact.exact_solve([leaf] * len(ps), ps)
   monkeypatch.setattr(exact, "CHUNK_FROM", 10**12)
   for a_, b_ in zip(jax.jit(solver())(scaled), jax.jit(solver())(folded)):
@@ -179,7 +180,7 @@ def test_scaled_linear_term_is_formed_inside_the_chunks(monkeypatch, shape, axes
     np.testing.assert_array_equal(np.asarray(a_.z) == 0, np.asarray(b_.z) == 0)
     assert int(a_.iterations) == int(b_.iterations)
     if float(p.threshold) == 0:  # the unregularized point, from the scaled term too
-      np.testing.assert_allclose(a_.z, p.centre - a * p.linear / p.metric, rtol=1e-6)
+      np.testing.assert_allclose(a_.z, p.centre * d - a * p.linear / p.metric, rtol=1e-6)
   assert any(np.any(np.asarray(s.z) == 0) for s in jax.jit(solver())(scaled))
 
 
@@ -327,16 +328,19 @@ def _kernels_regularized(params):
     "make, kind, bound",
     [
         # Measured (JAX 0.10.2 CPU), in param copies. Single leaves: 1.47 for
-        # both (2.47 and 3.26 before z took over P's buffer, 4.0 and 5.0
+        # all three (2.47 and 3.26 before z took over P's buffer, 4.0 and 5.0
         # unchunked): P (then z) and the chunks' work arrays. ProxGen kept
-        # its linear term (lr / (1 - b1^k)) m as one more copy (2.27) until
-        # the chunks formed it from m. Stacked batch: 1.50 for both (3.00
-        # and 3.06 while the batch's b and P were stacked in full; ProxGen
-        # 2.50 with its linear term).
+        # its linear term (lr / (1 - b1^k)) m as one more copy (2.27), and
+        # with weight decay its centre x (1 - lr wd) as another (3.27), until
+        # the chunks formed them from m and x. Stacked batch: 1.50 for all
+        # (3.00 and 3.06 while the batch's b and P were stacked in full;
+        # ProxGen 2.50 and 3.50 with those products).
         (lambda r: optax_ramda.ramda(1e-2, 1e-3, r), "single", 2.0),
         (lambda r: optax_ramda.prox_adamw(1e-3, 1e-3, r), "single", 2.0),
+        (lambda r: optax_ramda.prox_adamw(1e-3, 1e-3, r, weight_decay=1e-4), "single", 2.0),
         (lambda r: optax_ramda.ramda(1e-2, 1e-3, r), "stacked", 2.0),
         (lambda r: optax_ramda.prox_adamw(1e-3, 1e-3, r), "stacked", 2.0),
+        (lambda r: optax_ramda.prox_adamw(1e-3, 1e-3, r, weight_decay=1e-4), "stacked", 2.0),
     ],
 )
 def test_chunked_solves_keep_temporaries_small(monkeypatch, make, kind, bound):

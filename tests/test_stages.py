@@ -93,38 +93,42 @@ def test_adam_subproblem():
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
     sub, state = opt.update(jnp.asarray(g), state, jnp.asarray(x))
-    np.testing.assert_allclose(sub.centre, x * (1 - lr_t * wd), rtol=1e-15)
+    np.testing.assert_allclose(sub.centre * sub.centre_scale, x * (1 - lr_t * wd), rtol=1e-15)
     np.testing.assert_allclose(sub.linear_scale * sub.linear, lr_t / (1 - b1**k) * m, rtol=1e-14)
     np.testing.assert_allclose(sub.metric, np.sqrt(v) / np.sqrt(1 - b2**k) + eps, rtol=1e-14)
     np.testing.assert_allclose(sub.scale, lr_t, rtol=1e-15)
-    np.testing.assert_array_equal(sub.warm_start, sub.centre)
+    np.testing.assert_array_equal(sub.warm_start, sub.centre * sub.centre_scale)
 
 
 def _scaled_subproblem(rng, dtype):
-  """The params and a Subproblem whose linear term is ``linear_scale * linear``."""
+  """The params and a Subproblem with a ``linear_scale`` and a ``centre_scale``."""
   shapes = {"w": (6, 4), "s": (5, 3), "k": (4, 5), "b": (5,)}
   x = {n: jnp.asarray(rng.normal(size=sh), dtype) for n, sh in shapes.items()}
   m = {n: jnp.asarray(rng.normal(size=sh), dtype) for n, sh in shapes.items()}
   # Diagonal metrics, except "s": a scalar (the closed-form prox).
   p = {n: jnp.asarray(10.0 ** rng.uniform(-1, 1, size=sh), dtype) for n, sh in shapes.items()}
   p["s"] = jnp.asarray(1.7, dtype)
-  scaled = optax_ramda.Subproblem(x, m, p, jnp.asarray(0.5), x, jnp.asarray(0.37, jnp.float32))
+  c = jnp.asarray(0.9, jnp.float32)
+  warm = jax.tree.map(lambda v: v * c.astype(v.dtype), x)
+  scaled = optax_ramda.Subproblem(x, m, p, jnp.asarray(0.5), warm, jnp.asarray(0.37), c)
   return x, scaled
 
 
 def _folded(sub):
-  """``sub`` with the product in ``linear``, as ProxGen's stage formed it before."""
-  a = sub.linear_scale
+  """``sub`` with the products in ``centre`` and ``linear`` (ProxGen's stage, before)."""
+  a, c = sub.linear_scale, sub.centre_scale
   return sub._replace(linear=jax.tree.map(lambda v: a.astype(v.dtype) * v, sub.linear),
-                      linear_scale=None)
+                      centre=jax.tree.map(lambda v: v * c.astype(v.dtype), sub.centre),
+                      linear_scale=None, centre_scale=None)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("reg, solver", [
     ("group", None), ("group", "pg"), ("group", "pg_fused"), ("l1", None), ("nuclear", None),
 ])
-def test_solve_stage_takes_the_linear_term_as_scale_times_linear(dtype, reg, solver):
-  """``linear_scale * linear`` solves bit for bit like the folded product, on every path."""
+def test_solve_stage_takes_the_scaled_centre_and_linear_term(dtype, reg, solver):
+  """``centre * centre_scale`` and ``linear_scale * linear`` solve bit for bit like the
+  folded products, on every path."""
   x, scaled = _scaled_subproblem(np.random.default_rng(4), dtype)
   spec = {"w": GroupSpec((1,)), "s": GroupSpec((1,)), "b": None}
   regs = {

@@ -238,7 +238,7 @@ def exact_solve_vectors(
       solve = _solve_chunked_leaves if len(idx) > 1 and axis > 0 else _solve_chunked
       done.append((idx, t, solve(bleaf, ps, t, axis, k, max_newton)))
       continue
-    ps = [p.folded() for p in ps]  # V as one array: the loop reads it only through b
+    ps = [p.folded() for p in ps]  # x0 and V as arrays: the loop reads them only through b
     b = jnp.stack([p.metric * p.centre - p.linear for p in ps])
     s, rh = _scale(bleaf, b, jnp.stack([p.metric for p in ps]), t)
     looped.append((idx, ps, bleaf, t, s, rh))
@@ -382,7 +382,7 @@ def _b_or_answer(p: LeafProblem) -> jax.Array:
   would copy it.
   """
   return jnp.where(
-      p.threshold > 0, p.metric * p.centre - p.scaled_linear(), unregularized_point(p)
+      p.threshold > 0, p.metric * p.scaled_centre() - p.scaled_linear(), unregularized_point(p)
   )
 
 
@@ -437,7 +437,8 @@ def _solve_chunked(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Array, ax
     # disjoint): z takes P's buffer instead of one of its own.
     p = cut(z_all)
     if single:
-      b = _b_or_answer(LeafProblem(cut(ins[0]), cut(ins[1]), p, p, tc, ps[0].linear_scale))
+      b = _b_or_answer(ps[0]._replace(centre=cut(ins[0]), linear=cut(ins[1]), metric=p,
+                                       warm_start=p, threshold=tc))
     else:
       b = cut(ins[0])
     z, it, sec = _solve_chunk(bleaf, b, p, tc, max_newton)
@@ -474,8 +475,8 @@ def _solve_chunked_leaves(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Ar
     zs, it_all, sec_all = carry
     pc = [at(c, z) for z in zs]  # each leaf's P, where its chunks' z replace it
     b = jnp.stack([
-        _b_or_answer(LeafProblem(at(c, p.centre), at(c, p.linear), m, m, p.threshold,
-                                 p.linear_scale))
+        _b_or_answer(p._replace(centre=at(c, p.centre), linear=at(c, p.linear), metric=m,
+                                warm_start=m))
         for p, m in zip(ps, pc)
     ])
     z, it, sec = _solve_chunk(bleaf, b, jnp.stack(pc), t, max_newton)

@@ -48,8 +48,9 @@ def adam_subproblem(
     D = sqrt(v) / sqrt(1 - b2^k) + eps
     linear = (lr / (1 - b1^k)) * m ;  metric = D ;  scale = lr
 
-  (``linear`` is passed as ``m`` with ``linear_scale = lr / (1 - b1^k)``:
-  see :class:`Subproblem`.)
+  (``linear`` is passed as ``m`` with ``linear_scale = lr / (1 - b1^k)``,
+  and ``centre`` as ``x`` with ``centre_scale = 1 - lr * weight_decay``: see
+  :class:`Subproblem`.)
 
   The warm start is the centre. ``lr`` decays by the schedule's ``gamma`` at
   each milestone (no restart).
@@ -94,17 +95,17 @@ def adam_subproblem(
     mv = jax.tree.map(moments, state.mu, state.nu, updates)
     mu = jax.tree.map(lambda _, pair: pair[0], state.mu, mv)
     nu = jax.tree.map(lambda _, pair: pair[1], state.nu, mv)
-    centre = jax.tree.map(lambda x: x * decay.astype(x.dtype), params)
     sub = Subproblem(
-        centre=centre,
-        linear=mu,  # times linear_scale: the solve stage forms a * m where it uses it
+        centre=params,  # times centre_scale, and linear times linear_scale: the
+        linear=mu,  # solve stage forms x * decay and a * m where it uses them
         linear_scale=a,
+        centre_scale=decay,
         metric=jax.tree.map(
             lambda v: jnp.sqrt(v) / jnp.sqrt(bc2).astype(v.dtype) + jnp.asarray(eps, v.dtype),
             nu,
         ),
         scale=lr,
-        warm_start=centre,
+        warm_start=jax.tree.map(lambda x: x * decay.astype(x.dtype), params),
     )
     return sub, AdamSubproblemState(numerics.safe_increment(t), mu, nu)
 

@@ -340,13 +340,13 @@ def solve_subproblem(
         t = jnp.asarray(sub.scale * strength, dt)
       else:
         t = jnp.zeros([], dt)
-      scale = sub.linear_scale
-      solved = isinstance(leaf, GroupLeaf) and jnp.ndim(p) > 0  # by solve_many
-      if scale is not None and not (solved and v.dtype == dt):
-        v, scale = jnp.asarray(scale).astype(v.dtype) * v, None  # V = scale * linear
       prob = solvers.LeafProblem(
-          x0.astype(dt), v.astype(dt), jnp.asarray(p, dt), w.astype(dt), t, scale
+          x0, v, p, w, t, sub.linear_scale, sub.centre_scale
       )
+      if not (isinstance(leaf, GroupLeaf) and jnp.ndim(p) > 0 and x0.dtype == v.dtype == dt):
+        prob = prob.folded()  # the scales stay only where solve_many takes them
+      prob = prob._replace(centre=prob.centre.astype(dt), linear=prob.linear.astype(dt),
+                           metric=jnp.asarray(p, dt), warm_start=w.astype(dt))
       if isinstance(leaf, nuclear.NuclearLeaf):
         if prob.metric.ndim == 0:
           sol = nuclear.nuclear_closed_form(leaf, prob)

@@ -51,19 +51,22 @@ class LeafProblem(NamedTuple):
   """One regularized leaf's subproblem, in its compute dtype.
 
   The linear term ``V`` is ``linear``, or ``linear_scale * linear`` when
-  ``linear_scale`` (a scalar) is given: ProxGen's ``(lr / (1 - b1^k)) m``
-  comes unmultiplied, so that the exact solver's chunked solves form it a
-  chunk at a time instead of as a full-size temporary (BENCHMARKS.md,
-  "ProxGen's linear term"). :meth:`scaled_linear` is ``V``; the PG solvers
-  take :meth:`folded` problems.
+  ``linear_scale`` (a scalar) is given, and the centre ``x0`` likewise
+  ``centre * centre_scale``: ProxGen's ``(lr / (1 - b1^k)) m`` and
+  ``x (1 - lr weight_decay)`` come unmultiplied, so that the exact solver's
+  chunked solves form them a chunk at a time instead of as full-size
+  temporaries (BENCHMARKS.md, "ProxGen's linear term").
+  :meth:`scaled_linear` is ``V`` and :meth:`scaled_centre` is ``x0``; the PG
+  solvers take :meth:`folded` problems.
   """
 
-  centre: jax.Array  # x0
+  centre: jax.Array  # x0, or x0 / centre_scale
   linear: jax.Array  # V, or V / linear_scale
   metric: jax.Array  # P (diagonal, same shape)
   warm_start: jax.Array
   threshold: jax.Array  # t (scalar): scale * strength * sqrt(|g|)
   linear_scale: jax.Array | None = None  # None, or a scalar: V = linear_scale * linear
+  centre_scale: jax.Array | None = None  # None, or a scalar: x0 = centre * centre_scale
 
   def scaled_linear(self) -> jax.Array:
     """``V``: ``linear_scale * linear`` in ``linear``'s dtype, or ``linear``."""
@@ -71,11 +74,18 @@ class LeafProblem(NamedTuple):
       return self.linear
     return jnp.asarray(self.linear_scale).astype(self.linear.dtype) * self.linear
 
+  def scaled_centre(self) -> jax.Array:
+    """``x0``: ``centre * centre_scale`` in ``centre``'s dtype, or ``centre``."""
+    if self.centre_scale is None:
+      return self.centre
+    return self.centre * jnp.asarray(self.centre_scale).astype(self.centre.dtype)
+
   def folded(self) -> LeafProblem:
-    """The same problem with ``V`` in ``linear`` (``linear_scale`` None)."""
-    if self.linear_scale is None:
+    """The same problem with ``x0`` and ``V`` in ``centre`` and ``linear`` (no scales)."""
+    if self.linear_scale is None and self.centre_scale is None:
       return self
-    return self._replace(linear=self.scaled_linear(), linear_scale=None)
+    return self._replace(centre=self.scaled_centre(), linear=self.scaled_linear(),
+                         linear_scale=None, centre_scale=None)
 
 
 NOT_MEASURED = -1.0
@@ -107,7 +117,7 @@ def unregularized_point(p: LeafProblem) -> jax.Array:
   recompute the cube root from its intermediates, stored as three extra
   full-size temporaries (BENCHMARKS.md, "Profile").
   """
-  return p.centre - p.scaled_linear() / jnp.abs(p.metric)
+  return p.scaled_centre() - p.scaled_linear() / jnp.abs(p.metric)
 
 
 def subgradient_norm(leaf: GroupLeaf, p: LeafProblem, z: jax.Array) -> jax.Array:

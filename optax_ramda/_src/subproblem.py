@@ -54,7 +54,8 @@ class Subproblem(NamedTuple):
         + scale \cdot strength \cdot \psi(z)
 
   i.e. the ``metric``-scaled prox of ``y = centre - linear / metric``
-  (``linear`` times ``linear_scale`` where that is given).
+  (``centre`` times ``centre_scale`` and ``linear`` times ``linear_scale``
+  where those are given).
 
   Attributes:
     centre: pytree like the params.
@@ -70,6 +71,9 @@ class Subproblem(NamedTuple):
       ``(lr / (1 - b1^k)) m`` this way, so that the exact solver's chunked
       solves never hold the product as a full-size temporary (BENCHMARKS.md,
       "ProxGen's linear term").
+    centre_scale: ``None``, or a scalar: the centre is then
+      ``centre * centre_scale``, likewise (ProxGen's decoupled weight decay
+      ``x (1 - lr weight_decay)``). ``warm_start`` is always the point itself.
   """
 
   centre: Any
@@ -78,3 +82,4 @@ class Subproblem(NamedTuple):
   scale: jax.Array
   warm_start: Any
   linear_scale: jax.Array | None = None
+  centre_scale: jax.Array | None = None
