@@ -147,7 +147,9 @@ def test_chunked_solves_match_the_single_loop(monkeypatch, dtype, shape, axes, t
         ((10,), (0,), (0.5, 0.0, 1e3, 0.8)),  # chunks of whole leaves
     ],
 )
-def test_scaled_linear_term_is_formed_inside_the_chunks(monkeypatch, shape, axes, thresholds):
+def test_scaled_centre_and_linear_term_are_formed_inside_the_chunks(
+    monkeypatch, shape, axes, thresholds
+):
   """``LeafProblem``'s scales: ``V = linear_scale * linear``, ``x0 = centre * centre_scale``.
 
   Unchunked, the products are formed before the solve, as from a folded

@@ -326,7 +326,7 @@ def closed_form(leaf: GroupLeaf, p: LeafProblem) -> LeafSolution:
 
 
 def _per_leaf(solve: Callable[..., list[LeafSolution]]) -> Callable[..., VectorSolution]:
-  """A PG solver as an entry of :data:`SOLVERS`; its loop reads ``V`` folded."""
+  """A PG solver as an entry of :data:`SOLVERS`; its loop reads ``x0`` and ``V`` folded."""
 
   def solve_vectors(leaves, problems, *args, **kwargs) -> VectorSolution:
     return VectorSolution.of_leaves(

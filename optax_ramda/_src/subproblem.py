@@ -73,7 +73,8 @@ class Subproblem(NamedTuple):
       "ProxGen's linear term").
     centre_scale: ``None``, or a scalar: the centre is then
       ``centre * centre_scale``, likewise (ProxGen's decoupled weight decay
-      ``x (1 - lr weight_decay)``). ``warm_start`` is always the point itself.
+      ``x (1 - lr weight_decay)``). ``warm_start`` is never scaled: it is the
+      start point itself.
   """
 
   centre: Any
