@@ -24,16 +24,28 @@ left of the root climbs monotonically to it. We start at the lower bound
 itself when all ``p_i`` are equal (then 0 Newton steps), and is near 0
 exactly at the screening boundary, where the root is near 0 too: no
 cancellation-prone division by a tiny root is ever made. (A tighter start,
-Jensen's bound ``(1 - tau) / sum_i u_i^2 ph_i``, saved one Newton evaluation
-on the benchmark data but cost as much in its extra reduction: not used.) The Newton step is
+Jensen's bound ``(1 - tau) / sum_i u_i^2 ph_i``, saved at most one Newton
+evaluation on the benchmark data but cost as much in its extra sum, even
+stacked with the sum of ``||b||``: not used.) The Newton step is
 ``rh += S2 (sqrt(S2) - 1) / S3`` with ``S2 = sum q_i^2`` and
-``S3 = sum q_i^2 ph_i / (ph_i rh + tau)``. A group stops on its own when its
-step is not larger than ``4 eps_machine * rh`` (never on ``phi == 0``), and
-then keeps its bits, so its answer does not depend on the other groups (the
-same under ``jit``, ``vmap`` and any batching of leaves). All groups of all
-leaves share one ``lax.while_loop``, capped at ``max_newton`` steps; large
-batches on a single CPU device run one such loop per chunk of their groups
-(:func:`_chunking`).
+``S3 = sum q_i^2 ph_i / (ph_i rh + tau)``. All groups of all leaves share one
+``lax.while_loop``, capped at ``max_newton`` steps; large batches on a single
+CPU device run one such loop per chunk of their groups (:func:`_chunking`).
+
+Stopping. A group stops on its own, never on ``phi == 0``, and then keeps its
+bits, so its answer does not depend on the other groups (the same under
+``jit``, ``vmap`` and any batching of leaves). It stops after a step known to
+land within about ``eps_machine * rh`` of the root, with no evaluation to
+confirm it. From the left, the root lies at most about ``1.5 step^2 / rh``
+beyond the new iterate (up to a factor ``1 + O(step / rh)``):
+``phi'' / phi' = -3 (S4 / S3 - S3 / S2)`` with
+``S4 = sum q_i^2 (ph_i / (ph_i rh + tau))^2``, and ``S4 / S3`` is a weighted
+mean of ``ph_i / (ph_i rh + tau) < 1 / rh``, so ``|phi''| < 3 phi' / rh``
+between the iterate and the root (``phi'`` decreases). A step with
+``1.5 step^2 <= eps rh^2`` is therefore the last one needed; a step at
+rounding level (``step <= 4 eps rh``) stops the group too. Stopping only on
+the latter cost one more evaluation per solve, the one that sees the tiny
+step (BENCHMARKS.md, "Newton's last evaluation").
 
 Diagnostics. At the root ``p * (z - y) + t z / ||z|| = 0``; at an iterate
 ``rh`` the residual of that optimality condition is
@@ -41,7 +53,10 @@ Diagnostics. At the root ``p * (z - y) + t z / ||z|| = 0``; at an iterate
 the leaf's ``residual`` is the Euclidean norm of these over its groups (the
 norm of the minimum-norm subgradient of ``Q`` at ``z``, see
 ``solvers.subgradient_norm``), from the last Newton evaluation, so it costs
-nothing extra.
+nothing extra. A group whose last step was larger than rounding level
+reports instead the bound ``phi'(rh) 1.5 step^2 / rh`` of the secular
+residual at the point it returns (``phi' = S3 / S2^(3/2)``), which is at
+most ``eps phi'(rh) rh``.
 """
 
 from __future__ import annotations
@@ -126,7 +141,16 @@ def _secular(leaf: GroupLeaf, s: _Scaled, rh: jax.Array):
 
 
 def _newton_step(leaf: GroupLeaf, s: _Scaled, rh: jax.Array):
-  """One guarded Newton step; returns (new rh, step, secular residual)."""
+  """One guarded Newton step: ``(new rh, converged, secular residual)``.
+
+  ``converged`` when the new ``rh`` is within about ``eps * rh`` of the root,
+  known without another evaluation (module docstring, "Stopping"): the step
+  is at rounding level (``step <= 4 eps rh_new``) or it lands close enough
+  (``1.5 step^2 <= eps rh^2``). The residual is the measured
+  ``|1 / ||q(rh)|| - 1|`` at ``rh``, except for a group that stops on the
+  second test, which gets the bound ``phi'(rh) 1.5 step^2 / rh`` of the
+  residual at the new ``rh``, the point it returns.
+  """
   s2, s3 = _secular(leaf, s, rh)
   root = jnp.sqrt(s2)
   ok = s.keep & (s3 > 0) & (s2 > 0)
@@ -134,8 +158,13 @@ def _newton_step(leaf: GroupLeaf, s: _Scaled, rh: jax.Array):
   # Monotone from the left: a non-positive step means rounding already put us
   # at the root; never step backwards.
   rh_new = jnp.where(step > 0, rh + step, rh)
-  secular = jnp.where(s.keep & (s2 > 0), jnp.abs(1 / jnp.where(s2 > 0, root, 1) - 1), 0)
-  return rh_new, step, secular
+  measured = jnp.where(s.keep & (s2 > 0), jnp.abs(1 / jnp.where(s2 > 0, root, 1) - 1), 0)
+  eps = jnp.finfo(rh.dtype).eps
+  settled = step <= 4 * eps * rh_new
+  landed = 1.5 * step * step <= eps * rh * rh
+  # phi'(rh) = S3 / S2^(3/2); the root is at most 1.5 step^2 / rh beyond rh_new.
+  bound = jnp.where(ok, s3 / jnp.where(ok, s2 * root * rh, 1) * (1.5 * step * step), 0)
+  return rh_new, settled | landed, jnp.where(settled, measured, bound)
 
 
 def _finish(p: LeafProblem, s: _Scaled, rh: jax.Array) -> jax.Array:
@@ -284,9 +313,7 @@ def _newton(batches: Sequence[tuple[GroupLeaf, _Scaled, jax.Array]], max_newton:
     i, rhs, dones, iters, secs = carry
     out = ([], [], [], [])
     for (bleaf, s, _), rh, done, it, sec in zip(batches, rhs, dones, iters, secs):
-      rh_new, step, sec_new = _newton_step(bleaf, s, rh)
-      eps = jnp.finfo(rh.dtype).eps
-      stop = step <= 4 * eps * rh_new
+      rh_new, stop, sec_new = _newton_step(bleaf, s, rh)
       out[0].append(jnp.where(done, rh, rh_new))
       out[1].append(done | stop)
       out[2].append(jnp.where(done, it, it + 1))
