@@ -113,6 +113,16 @@ def test_newton_stops_on_the_step_that_lands(spread):
       # <= 2.3e-16 t here), not the measurement one step earlier, which
       # fails this bound on these groups (checked by mutation).
       assert 0 <= float(sols[g].residual) <= 1e-13 * t[g]
+    # Cut off after one evaluation, a group that has not landed reports the
+    # residual measured at its start, t |1 / ||q(1 - tau)|| - 1|.
+    cut = exact.exact_solve(leaves, [_prob(x0[g], v[g], p[g], t[g]) for g in range(groups)],
+                            max_newton=1)
+    for g in np.flatnonzero(full > 2):
+      nb, pmax = np.linalg.norm(b[g, 0]), np.max(p[g, 0])
+      tau = t[g] / nb
+      q = (b[g, 0] / nb) / (p[g, 0] / pmax * (1 - tau) + tau)
+      measured = t[g] * abs(1 / np.linalg.norm(q) - 1)
+      np.testing.assert_allclose(float(cut[g].residual), measured, rtol=1e-12)
 
 
 def test_diagnostics_readable_per_leaf():

@@ -53,10 +53,10 @@ Diagnostics. At the root ``p * (z - y) + t z / ||z|| = 0``; at an iterate
 the leaf's ``residual`` is the Euclidean norm of these over its groups (the
 norm of the minimum-norm subgradient of ``Q`` at ``z``, see
 ``solvers.subgradient_norm``), from the last Newton evaluation, so it costs
-nothing extra. A group whose last step was larger than rounding level
-reports instead the bound ``phi'(rh) 1.5 step^2 / rh`` of the secular
-residual at the point it returns (``phi' = S3 / S2^(3/2)``), which is at
-most ``eps phi'(rh) rh``.
+nothing extra. A group that stopped on a step that landed but was larger
+than rounding level reports instead the bound ``phi'(rh) 1.5 step^2 / rh``
+of the secular residual at the point it returns (``phi' = S3 / S2^(3/2)``),
+which is at most ``eps phi'(rh) rh``.
 """
 
 from __future__ import annotations
@@ -148,8 +148,10 @@ def _newton_step(leaf: GroupLeaf, s: _Scaled, rh: jax.Array):
   is at rounding level (``step <= 4 eps rh_new``) or it lands close enough
   (``1.5 step^2 <= eps rh^2``). The residual is the measured
   ``|1 / ||q(rh)|| - 1|`` at ``rh``, except for a group that stops on the
-  second test, which gets the bound ``phi'(rh) 1.5 step^2 / rh`` of the
-  residual at the new ``rh``, the point it returns.
+  second test only, which gets the bound ``phi'(rh) 1.5 step^2 / rh`` of the
+  residual at the new ``rh``, the point it returns. (A group cut off by
+  ``max_newton`` keeps the measurement: the bound is only that close for a
+  step that landed.)
   """
   s2, s3 = _secular(leaf, s, rh)
   root = jnp.sqrt(s2)
@@ -164,7 +166,7 @@ def _newton_step(leaf: GroupLeaf, s: _Scaled, rh: jax.Array):
   landed = 1.5 * step * step <= eps * rh * rh
   # phi'(rh) = S3 / S2^(3/2); the root is at most 1.5 step^2 / rh beyond rh_new.
   bound = jnp.where(ok, s3 / jnp.where(ok, s2 * root * rh, 1) * (1.5 * step * step), 0)
-  return rh_new, settled | landed, jnp.where(settled, measured, bound)
+  return rh_new, settled | landed, jnp.where(landed & ~settled, bound, measured)
 
 
 def _finish(p: LeafProblem, s: _Scaled, rh: jax.Array) -> jax.Array:
