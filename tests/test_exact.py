@@ -95,7 +95,8 @@ def test_newton_stops_on_the_step_that_lands(spread):
     b = p * x0 - v
     t = 0.5 * np.linalg.norm(b, axis=(1, 2))
     leaves = [group_leaf(GroupSpec((1,)), x0[g], "x") for g in range(groups)]
-    sols = exact.exact_solve(leaves, [_prob(x0[g], v[g], p[g], t[g]) for g in range(groups)])
+    problems = [_prob(x0[g], v[g], p[g], t[g]) for g in range(groups)]
+    sols = exact.exact_solve(leaves, problems)
     ours = np.array([int(s.iterations) for s in sols])
     ref = [_reference_newton(b[g, 0], p[g, 0], t[g]) for g in range(groups)]
     full = np.array([k for _, k in ref])
@@ -115,8 +116,7 @@ def test_newton_stops_on_the_step_that_lands(spread):
       assert 0 <= float(sols[g].residual) <= 1e-13 * t[g]
     # Cut off after one evaluation, a group that has not landed reports the
     # residual measured at its start, t |1 / ||q(1 - tau)|| - 1|.
-    cut = exact.exact_solve(leaves, [_prob(x0[g], v[g], p[g], t[g]) for g in range(groups)],
-                            max_newton=1)
+    cut = exact.exact_solve(leaves, problems, max_newton=1)
     for g in np.flatnonzero(full > 2):
       nb, pmax = np.linalg.norm(b[g, 0]), np.max(p[g, 0])
       tau = t[g] / nb
