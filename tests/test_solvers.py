@@ -144,12 +144,37 @@ def test_pg_to_convergence_satisfies_optimality():
       assert np.linalg.norm(residual) < 1e-8
 
 
-def test_closed_form_is_block_soft_threshold():
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("regularized", [True, False])
+def test_closed_form_is_block_soft_threshold(fused, regularized):
   leaf, prob, (x0, V, _, _) = _problem((6, 5), (1,), 0.9)
-  prob = prob._replace(metric=jnp.asarray(2.0))
-  sol = solvers.closed_form(leaf, prob)
   y = x0 - V / 2.0
   n = np.linalg.norm(y, axis=1, keepdims=True)
-  thr = 0.9 / 2.0
+  t = 2.0 * np.median(n) if regularized else 0.0  # half the groups zero, or none
+  prob = prob._replace(metric=jnp.asarray(2.0), threshold=jnp.asarray(t))
+  sol = solvers.closed_form(leaf, prob, fused)
+  thr = t / 2.0
   expected = y * np.maximum(n - thr, 0) / np.where(n > 0, n, 1)
-  np.testing.assert_allclose(sol.z, expected, atol=1e-14)
+  if regularized:
+    assert np.any(expected == 0) and np.any(expected != 0)  # both kinds of groups
+  np.testing.assert_allclose(sol.z, expected, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_closed_form_fused_never_forms_the_scaled_terms(dtype):
+  """With ``linear_scale`` and ``centre_scale`` the fused form solves the same problem as
+  the folded one (to rounding), and the unfused form bit for bit."""
+  leaf, prob, (x0, V, _, _) = _problem((40, 7), (1,), 0.5, seed=3)
+  a, c = jnp.asarray(0.37, dtype), jnp.asarray(0.9, dtype)
+  t = 1.7 * np.median(np.linalg.norm(0.9 * x0 - V / 1.7, axis=1))  # about half the groups zero
+  scaled = prob._replace(centre=jnp.asarray(x0, dtype), linear=jnp.asarray(V, dtype) / a,
+                         metric=jnp.asarray(1.7, dtype), warm_start=jnp.asarray(x0, dtype),
+                         threshold=jnp.asarray(t, dtype), linear_scale=a, centre_scale=c)
+  folded = scaled.folded()
+  ref = np.asarray(solvers.closed_form(leaf, folded).z)
+  assert np.any(ref == 0) and np.any(ref != 0)
+  chex.assert_trees_all_equal(solvers.closed_form(leaf, scaled).z, ref)
+  eps = float(jnp.finfo(dtype).eps)
+  for p in (scaled, folded):
+    np.testing.assert_allclose(solvers.closed_form(leaf, p, fused=True).z, ref,
+                               rtol=8 * eps, atol=8 * eps * np.abs(ref).max())

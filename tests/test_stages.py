@@ -128,7 +128,8 @@ def _folded(sub):
 ])
 def test_solve_stage_takes_the_scaled_centre_and_linear_term(dtype, reg, solver):
   """``centre * centre_scale`` and ``linear_scale * linear`` solve bit for bit like the
-  folded products, on every path."""
+  folded products, on every path (the closed form of a scalar metric, leaf "s", unfused:
+  the fused one, for updates of 32 MiB+, is checked to rounding in test_solvers.py)."""
   x, scaled = _scaled_subproblem(np.random.default_rng(4), dtype)
   spec = {"w": GroupSpec((1,)), "s": GroupSpec((1,)), "b": None}
   regs = {
@@ -153,7 +154,8 @@ def test_solve_stage_takes_the_scaled_centre_and_linear_term(dtype, reg, solver)
 
 
 def test_sgd_subproblem():
-  """buf = c g at step 1 then EMA; linear = lr buf with a unit scalar metric (§5)."""
+  """buf = c g at step 1 then EMA; linear = lr buf (as linear_scale * linear) with a unit
+  scalar metric (§5)."""
   lr, c = 0.1, 0.25
   opt = optax_ramda.sgd_subproblem(lr, c)
   x = jnp.ones((2, 3))
@@ -162,7 +164,8 @@ def test_sgd_subproblem():
   for t, g in enumerate(_grads(3, (2, 3))):
     buf = c * g if t == 0 else (1 - c) * buf + c * g
     sub, state = opt.update(jnp.asarray(g), state, x)
-    np.testing.assert_allclose(sub.linear, lr * buf, rtol=1e-15)
+    np.testing.assert_allclose(sub.linear, buf, rtol=1e-15)
+    np.testing.assert_allclose(sub.linear_scale, lr, rtol=1e-15)
     assert jnp.ndim(sub.metric) == 0 and float(sub.metric) == 1.0
 
 

@@ -129,6 +129,14 @@ def sgd_subproblem(
   centre ``x``, linear ``lr * buf``, scalar metric 1, scale ``lr``: the solve
   stage returns ``prox_{lr psi}(x - lr buf)``.
 
+  The linear term is passed as ``linear = buf`` with ``linear_scale = lr``,
+  and ``lr`` as a run-time scalar (``lr + 0 * count``, exactly ``lr``): the
+  group prox then multiplies ``buf`` by a scalar in each of its two passes
+  instead of reading a stored ``lr * buf``. XLA's CPU backend does not fuse a
+  compile-time constant into its library reductions, so with a constant
+  ``lr`` it stored ``lr * buf`` as a parameter-sized temporary (BENCHMARKS.md,
+  "Scalar-metric prox without a temporary").
+
   References:
     Yang, Yuan, Chatzimichailidis, van Sloun, Lei & Chatzinotas, *ProxSGD:
     Training Structured Neural Networks under Regularization and
@@ -150,6 +158,7 @@ def sgd_subproblem(
     t = state.count
     lr = _learning_rate(learning_rate, schedule, t)
     c = jnp.asarray(momentum, lr.dtype)
+    lr = lr + 0 * t.astype(lr.dtype)  # exactly lr, but not a constant (docstring)
 
     def ema(b, g):
       cc = c.astype(b.dtype)
@@ -158,10 +167,11 @@ def sgd_subproblem(
     buf = jax.tree.map(ema, state.momentum_buffer, updates)
     sub = Subproblem(
         centre=params,
-        linear=jax.tree.map(lambda b: lr.astype(b.dtype) * b, buf),
+        linear=buf,
         metric=jax.tree.map(lambda b: jnp.ones([], b.dtype), buf),
         scale=lr,
         warm_start=params,
+        linear_scale=lr,
     )
     return sub, SgdSubproblemState(numerics.safe_increment(t), buf)
 

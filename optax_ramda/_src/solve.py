@@ -332,6 +332,12 @@ def solve_subproblem(
     # solver's vectors hold them (``from_vectors``).
     scalars: list[solvers.LeafSolution | None] = [None] * len(leaves)
     pending, pending_leaves, pending_idx = [], [], []
+    # Closed-form group leaves: fused (no stored y) from FUSED_PROX_FROM bytes on.
+    fused = sum(
+        x0.size * jnp.dtype(compute_dtype(jnp.result_type(v))).itemsize
+        for leaf, x0, v, p in zip(leaves, *fields[:3])
+        if isinstance(leaf, GroupLeaf) and jnp.ndim(p) == 0
+    ) >= solvers.FUSED_PROX_FROM
     for i, (leaf, x0, v, p, w) in enumerate(zip(leaves, *fields)):
       dt = compute_dtype(jnp.result_type(v))
       if isinstance(leaf, GroupLeaf):
@@ -343,7 +349,7 @@ def solve_subproblem(
       prob = solvers.LeafProblem(
           x0, v, p, w, t, sub.linear_scale, sub.centre_scale
       )
-      if not (isinstance(leaf, GroupLeaf) and jnp.ndim(p) > 0 and x0.dtype == v.dtype == dt):
+      if not (isinstance(leaf, GroupLeaf) and x0.dtype == v.dtype == dt):
         prob = prob.folded()  # the scales stay only where solve_many takes them
       prob = prob._replace(centre=prob.centre.astype(dt), linear=prob.linear.astype(dt),
                            metric=jnp.asarray(p, dt), warm_start=w.astype(dt))
@@ -355,7 +361,7 @@ def solve_subproblem(
       elif not isinstance(leaf, GroupLeaf):
         sol = solvers.direct_solution(solvers.unregularized_point(prob))
       elif prob.metric.ndim == 0:
-        sol = solvers.closed_form(leaf, prob)
+        sol = solvers.closed_form(leaf, prob, fused)
       else:
         pending.append(prob)
         pending_leaves.append(leaf)

@@ -313,6 +313,8 @@ def scalar_metric_prox(
 
   ``z = prox_{(t / p) psi}(x0 - V / p)`` with ``prox(y, threshold) -> (z, _)``
   the identity-metric prox of the leaf's regularizer (``t == 0``: ``y``).
+  The nuclear norm's closed form, and the group LASSO's unfused one
+  (:func:`closed_form`).
   """
   y = unregularized_point(p)
   thr = p.threshold / p.metric
@@ -320,9 +322,44 @@ def scalar_metric_prox(
   return direct_solution(jnp.where(thr > 0, z, y))
 
 
-def closed_form(leaf: GroupLeaf, p: LeafProblem) -> LeafSolution:
-  """Scalar metric, group LASSO: block soft-thresholding of ``x0 - V / p``."""
-  return scalar_metric_prox(leaf.shrink, p)
+FUSED_PROX_FROM = 1 << 25
+"""Bytes of closed-form group-LASSO leaves in one update from which
+:func:`closed_form` is fused (32 MiB: glibc's largest ``mmap`` threshold)."""
+
+
+def closed_form(leaf: GroupLeaf, p: LeafProblem, fused: bool = False) -> LeafSolution:
+  """Scalar metric, group LASSO: block soft-thresholding of ``y = x0 - V / p``.
+
+  ``z = y * f`` with ``thr = t / p``, ``r = max(||y_g|| - thr, 0)`` and ``f =
+  r / (r + thr)`` per group (``f = 1`` where ``thr == 0``, spec §6 item 7).
+
+  ``fused=False``: ``y`` is formed once and read by both full-size passes
+  (the norms' reduction and ``z``); XLA's CPU backend stores it, one
+  parameter-sized temporary. ``fused=True``: ``z = x0 * f - V * (f / p)``
+  and the norms of ``x0 - V * (1 / p)``, with ``V = linear_scale * linear``
+  and ``x0 = centre * centre_scale`` never formed either: the two passes share
+  no full-size value and XLA stores none. The solve stage fuses once the
+  closed-form leaves of an update reach :data:`FUSED_PROX_FROM` bytes:
+  glibc's ``malloc`` maps blocks that large afresh at every call, so the
+  stored ``y`` cost RMDA and ProxSGD 2-2.5x adamw's update on the 1e7
+  models, against 0.9-1.3x fused; on the 1e6 models, where the block is
+  reused, the fused passes were 10-13% slower (XLA runs the reduction with
+  its elementwise inputs in one library kernel). BENCHMARKS.md,
+  "Scalar-metric prox without a temporary". The two forms differ by rounding.
+  """
+  if not fused:
+    return scalar_metric_prox(leaf.shrink, p)
+  x0, v = p.centre, p.linear
+  cx = None if p.centre_scale is None else jnp.asarray(p.centre_scale).astype(x0.dtype)
+  cv = 1 / p.metric
+  if p.linear_scale is not None:
+    cv = jnp.asarray(p.linear_scale).astype(v.dtype) * cv
+  thr = p.threshold / p.metric
+  r = jnp.maximum(leaf.norm((x0 if cx is None else x0 * cx) - v * cv) - thr, 0)
+  den = r + thr
+  safe = den > 0  # only 0 / 0 when thr == 0 on a zero group
+  f = jnp.where(thr > 0, jnp.where(safe, r / jnp.where(safe, den, 1), 0), 1)
+  return direct_solution(x0 * (f if cx is None else cx * f) - v * (cv * f))
 
 
 def _per_leaf(solve: Callable[..., list[LeafSolution]]) -> Callable[..., VectorSolution]:
