@@ -86,6 +86,12 @@ def adam_subproblem(
     bc2 = 1 - b2_**k
     a = lr / bc1
     decay = 1 - lr * jnp.asarray(weight_decay, dt)
+    # Exactly 1 but not a constant, so the metric ends in a division (exact):
+    # XLA's CPU backend then stores D once for its readers (the exact solver's
+    # stacked P, b = D x0 - V, the final pass) instead of storing sqrt(v) and
+    # recomputing the rest in each, one parameter copy more (BENCHMARKS.md,
+    # "ProxGen's linear term", last paragraph).
+    one = 1 + 0 * k
 
     def moments(m, v, g):
       g = g.astype(m.dtype)
@@ -101,7 +107,8 @@ def adam_subproblem(
         linear_scale=a,
         centre_scale=decay,
         metric=jax.tree.map(
-            lambda v: jnp.sqrt(v) / jnp.sqrt(bc2).astype(v.dtype) + jnp.asarray(eps, v.dtype),
+            lambda v: (jnp.sqrt(v) / jnp.sqrt(bc2).astype(v.dtype) + jnp.asarray(eps, v.dtype))
+            / one.astype(v.dtype),
             nu,
         ),
         scale=lr,
