@@ -350,7 +350,7 @@ def solve_subproblem(
           x0, v, p, w, t, sub.linear_scale, sub.centre_scale
       )
       if not (isinstance(leaf, GroupLeaf) and x0.dtype == v.dtype == dt):
-        prob = prob.folded()  # the scales stay only where solve_many takes them
+        prob = prob.folded()  # the scales stay where solve_many or closed_form takes them
       prob = prob._replace(centre=prob.centre.astype(dt), linear=prob.linear.astype(dt),
                            metric=jnp.asarray(p, dt), warm_start=w.astype(dt))
       if isinstance(leaf, nuclear.NuclearLeaf):

@@ -341,7 +341,7 @@ def closed_form(leaf: GroupLeaf, p: LeafProblem, fused: bool = False) -> LeafSol
   no full-size value and XLA stores none. The solve stage fuses once the
   closed-form leaves of an update reach :data:`FUSED_PROX_FROM` bytes:
   glibc's ``malloc`` maps blocks that large afresh at every call, so the
-  stored ``y`` cost RMDA and ProxSGD 2-2.5x adamw's update on the 1e7
+  stored ``y`` cost RMDA and ProxSGD 1.9-2.5x adamw's update on the 1e7
   models, against 0.9-1.3x fused; on the 1e6 models, where the block is
   reused, the fused passes were 10-13% slower (XLA runs the reduction with
   its elementwise inputs in one library kernel). BENCHMARKS.md,
