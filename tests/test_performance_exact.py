@@ -284,6 +284,15 @@ def _step(opt):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
+def _temporaries(opt, params):
+  """XLA's temporaries of the donated update, in parameter copies."""
+  state = jax.eval_shape(opt.init, params)
+  mem = _step(opt).lower(params, state, params).compile().memory_analysis()
+  if mem is None:
+    pytest.skip("no memory analysis on this backend")
+  return mem.temp_size_in_bytes / sum(x.nbytes for x in jax.tree.leaves(params))
+
+
 @pytest.mark.parametrize(
     "make, bound",
     [
@@ -303,25 +312,8 @@ def _step(opt):
     ],
 )
 def test_update_temporaries_stay_within_budget(make, bound):
-  params = _params()
-  opt = make()
-  state = opt.init(params)
-  grads = jax.tree.map(jnp.ones_like, params)
-  compiled = _step(opt).lower(params, state, grads).compile()
-  mem = compiled.memory_analysis()
-  if mem is None:
-    pytest.skip("no memory analysis on this backend")
-  pbytes = sum(x.nbytes for x in jax.tree.leaves(params))
-  assert mem.temp_size_in_bytes / pbytes <= bound, mem.temp_size_in_bytes / pbytes
-
-
-def _temporaries(opt, params):
-  """XLA's temporaries of the donated update, in parameter copies."""
-  state = jax.eval_shape(opt.init, params)
-  mem = _step(opt).lower(params, state, params).compile().memory_analysis()
-  if mem is None:
-    pytest.skip("no memory analysis on this backend")
-  return mem.temp_size_in_bytes / sum(x.nbytes for x in jax.tree.leaves(params))
+  copies = _temporaries(make(), _params())
+  assert copies <= bound, copies
 
 
 @pytest.mark.parametrize("make", [
@@ -387,10 +379,7 @@ def test_chunked_solves_keep_temporaries_small(monkeypatch, make, kind, bound):
   params = _chunked_model(kind)
   sizes = [x.size for x in jax.tree.leaves(params) if x.ndim > 1]
   assert (min(sizes) if kind == "single" else sum(sizes)) >= exact.CHUNK_FROM
-  opt = make(_kernels_regularized(params))
-  compiled = _step(opt).lower(params, opt.init(params), params).compile()
-  pbytes = sum(x.nbytes for x in jax.tree.leaves(params))
-  assert compiled.memory_analysis().temp_size_in_bytes / pbytes <= bound
+  assert _temporaries(make(_kernels_regularized(params)), params) <= bound
 
 
 def test_restart_branch_matches_elementwise_select():

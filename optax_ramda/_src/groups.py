@@ -116,11 +116,20 @@ class GroupLeaf:
     exceed it becomes exactly zero. Returns the new ``z`` and ``r`` (the
     post-prox norms, keepdims).
     """
-    r = jnp.maximum(self.norm(z) - threshold, 0)
+    factor, r = self.shrink_factor(self.norm(z), threshold)
+    return z * factor, r
+
+  @staticmethod
+  def shrink_factor(norms: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per group, ``r / (r + threshold)`` with ``r = max(norms - threshold, 0)``, and ``r``.
+
+    :meth:`shrink`'s scaling of a group of norm ``norms`` (0 for a zero group
+    with a zero threshold).
+    """
+    r = jnp.maximum(norms - threshold, 0)
     den = r + threshold
     safe = den > 0  # only 0 / 0 when threshold == 0 on a zero group
-    factor = jnp.where(safe, r / jnp.where(safe, den, 1), 0)
-    return z * factor, r
+    return jnp.where(safe, r / jnp.where(safe, den, 1), 0), r
 
 
 def normalize_axes(axes: Sequence[int], ndim: int, path: str) -> tuple[int, ...]:

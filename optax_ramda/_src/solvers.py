@@ -355,10 +355,8 @@ def closed_form(leaf: GroupLeaf, p: LeafProblem, fused: bool = False) -> LeafSol
   if p.linear_scale is not None:
     cv = jnp.asarray(p.linear_scale).astype(v.dtype) * cv
   thr = p.threshold / p.metric
-  r = jnp.maximum(leaf.norm((x0 if cx is None else x0 * cx) - v * cv) - thr, 0)
-  den = r + thr
-  safe = den > 0  # only 0 / 0 when thr == 0 on a zero group
-  f = jnp.where(thr > 0, jnp.where(safe, r / jnp.where(safe, den, 1), 0), 1)
+  f, _ = leaf.shrink_factor(leaf.norm((x0 if cx is None else x0 * cx) - v * cv), thr)
+  f = jnp.where(thr > 0, f, 1)
   return direct_solution(x0 * (f if cx is None else cx * f) - v * (cv * f))
 
 
