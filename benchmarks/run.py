@@ -20,7 +20,9 @@ Sections (each a Markdown table on stdout):
    so load from other processes hits them alike; CPU time is reported too.
    Also optimizer-state bytes per parameter byte (from ``opt.init``), the
    update's temporary memory from XLA's compiled memory analysis, XLA's cost
-   analysis "bytes accessed", and the mean solver iterations per leaf.
+   analysis "bytes accessed", and the solver iterations per step: mean per
+   leaf, and per parameter (weighted by leaf size: the sweeps or Newton
+   evaluations that the average entry goes through).
 2. ``scaling``: the log-log slope of update time against parameter count, from
    1e5 to 1e7 (least squares) and between 1e6 and 1e7.
 3. ``train step``: a jitted forward + backward + update of a small CNN and a
@@ -198,6 +200,7 @@ def bench_update(family: str, target: int, reps: int, warmup: int, log) -> list[
     params = _models.transformer_params(_models.transformer_width_for(target), layers=4)
   n = _models.count(params)
   pbytes = _models.nbytes(params)
+  sizes = np.array([x.size for x in jax.tree.leaves(params)], dtype=float)
   key = jax.random.PRNGKey(1)
   # A small pool of gradients (cycled), scaled like real gradients of each leaf.
   grads = [
@@ -244,6 +247,9 @@ def bench_update(family: str, target: int, reps: int, warmup: int, log) -> list[
     row["time_s"], row["cpu_s"], row["sys_s"], row["minor_faults"] = times[name]
     row["mean_iterations"] = float(its.mean()) if its.size else 0.0
     row["max_iterations"] = float(its.max()) if its.size else 0.0
+    # Weighted by leaf size: the sweeps (PG) or Newton evaluations (exact) of
+    # the average parameter, what the solver's full-size work follows.
+    row["weighted_iterations"] = float((its @ sizes).mean() / sizes.sum()) if its.size else 0.0
     row["group_sparsity"] = _z_group_sparsity(holder["p"], params)
     log(f"  {family} {n:>9,d} {name:22s} {row['time_s'] * 1e3:9.3f} ms (cpu "
         f"{row['cpu_s'] * 1e3:8.3f})  compile {row['compile_s']:6.2f} s  iters "
@@ -469,6 +475,7 @@ def main(argv=None):
                        ("faulted MB", "fault_mb", ".1f"),
                        ("x adamw", "vs_adamw", ".2f"), ("x madgrad", "vs_madgrad", ".2f"),
                        ("iters/leaf", "mean_iterations", ".1f"),
+                       ("iters/param", "weighted_iterations", ".1f"),
                        ("max iters", "max_iterations", ".0f")]
                  ) if _add_ms(rows) else "")
     mem_rows = [r for r in rows
