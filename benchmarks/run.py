@@ -27,8 +27,8 @@ Sections (each a Markdown table on stdout):
    1e5 to 1e7 (least squares) and between 1e6 and 1e7.
 3. ``train step``: a jitted forward + backward + update of a small CNN and a
    small Transformer on synthetic data, ratio to the same step with AdamW, and
-   the solver iterations per step (mean over regularized leaves, and max) over
-   the run.
+   the solver iterations per step (mean over all leaves, unregularized ones
+   counting 0, and max) over the run.
 4. ``compile``: trace+lower and XLA compile time of the step for a Transformer
    with many (72) regularized leaves, ratio to AdamW's; cold (``jax.clear_caches``
    before each), round-robin over the optimizers, median of the repeats.
