@@ -34,12 +34,23 @@ def _problems(n, shape, thresholds, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("thresholds", [(1.0, 3.0, 0.5, 2.0), (1.0, 0.0, 2.0, 0.0)])
+@pytest.mark.parametrize(
+    "thresholds",
+    [
+        (1.0, 3.0, 0.5, 2.0),
+        (1.0, 0.0, 2.0, 0.0),
+        # More leaves than one batch holds (exact.MAX_STACK = 8): batches of
+        # 5 and 5, and of 5 and 6.
+        (1.0, 3.0, 0.5, 2.0, 1.5, 0.7, 2.5, 1.1, 0.0, 0.9),
+        (1.0, 3.0, 0.5, 2.0, 1.5, 0.7, 2.5, 1.1, 0.0, 0.9, 0.0),
+    ],
+)
 def test_batched_leaves_match_solo_solves(dtype, thresholds):
-  """Same-shape leaves are solved as one stacked batch; each equals its solo solve.
+  """Same-shape leaves are solved as stacked batches; each equals its solo solve.
 
-  The second case has leaves with ``t == 0`` in the batch, which take the
-  unregularized branch (``z = x0 - V / P``) of ``_finish_batch``.
+  All but the first case have leaves with ``t == 0`` in the batch, which
+  take the unregularized branch (``z = x0 - V / P``) of ``_finish_batch``;
+  the last two have more leaves than one batch holds (``exact.MAX_STACK``).
   """
   with jax.enable_x64(dtype == jnp.float64):
     shape = (7, 5)
@@ -55,10 +66,15 @@ def test_batched_leaves_match_solo_solves(dtype, thresholds):
         np.testing.assert_array_equal(got.z, p.centre - p.linear / p.metric)
 
 
-def test_batching_keeps_the_newton_loop_size_independent_of_leaf_count():
-  """The while body's jaxpr does not grow with the number of same-shape leaves."""
+def test_batching_grows_the_newton_loop_per_batch_not_per_leaf():
+  """The while body's jaxpr grows with the batches of same-shape leaves only.
+
+  Up to ``exact.MAX_STACK`` leaves make one batch; more make one more batch
+  per ``MAX_STACK`` leaves.
+  """
   shape = (6, 4)
   leaf = group_leaf(GroupSpec((1,)), np.zeros(shape), "w")
+  m = exact.MAX_STACK
 
   def body_size(n):
     probs = _problems(n, shape, [1.0] * n, jnp.float32)
@@ -66,7 +82,39 @@ def test_batching_keeps_the_newton_loop_size_independent_of_leaf_count():
     (loop,) = [e for e in jaxpr.eqns if e.primitive.name == "while"]
     return len(loop.params["body_jaxpr"].eqns)
 
-  assert body_size(2) == body_size(9)
+  assert body_size(2) == body_size(m) < body_size(m + 1) == body_size(2 * m)
+
+
+@pytest.mark.parametrize("n, sizes", [(1, [1]), (8, [8]), (9, [4, 5]), (12, [6, 6]),
+                                      (17, [5, 6, 6]), (48, [8] * 6)])
+def test_stack_slices_are_the_fewest_and_even(n, sizes):
+  got = exact._stack_slices(n)
+  assert [s.stop - s.start for s in got] == sizes
+  assert got[0].start == 0 and got[-1].stop == n
+
+
+def test_stacks_are_written_by_the_fused_metric():
+  """No stack of leaves is a plain copy: XLA fuses the metric into the stacking.
+
+  XLA's CPU backend fuses nothing into a concatenation of more than 8
+  operands, so one stack of 12 leaves was a plain ``concatenate`` of each
+  leaf's stored ``P``, ``x0`` and ``V`` (BENCHMARKS.md, "Stacks of at most 8
+  leaves"); in two batches of 6 (``exact.MAX_STACK``) every stacking is
+  fused with its producers. Checked in the optimized HLO of RAMDA's update
+  with 12 same-shape regularized leaves.
+  """
+  import re
+
+  params = {f"w{i}": jnp.ones((16, 8)) for i in range(12)}
+  reg = optax_ramda.group_lasso({k: GroupSpec((1,)) for k in params})
+  opt = optax_ramda.ramda(1e-2, 1e-3, reg)
+  step = jax.jit(lambda g, s, p: opt.update(g, s, p))
+  hlo = step.lower(params, opt.init(params), params).compile().as_text()
+  entry = hlo[hlo.index("ENTRY"):]
+  plain = re.findall(r"= f32\[[\d,]*16,8\]\{[\d,]+\} concatenate\(", entry)
+  assert not plain, plain
+  assert re.search(r"= f32\[6,16,8\]\{[\d,]+\} fusion\(", entry)
+  assert not re.search(r"= f32\[12,16,8\]", entry)
 
 
 def _loops(jaxpr, depth=0):
@@ -402,8 +450,9 @@ def test_exact_diagnostics_add_no_reduction_per_leaf():
   # The exact solver's iterations and residual reach SolveState as its
   # batches' vectors (one gather), not as one masked sum per leaf and field:
   # those were two small kernels per leaf at every update (BENCHMARKS.md,
-  # "Diagnostics without per-leaf kernels"). Same-shape leaves form one batch,
-  # so the update's number of reductions does not depend on how many there are.
+  # "Diagnostics without per-leaf kernels"). Same-shape leaves form batches of
+  # up to exact.MAX_STACK, so the update's number of reductions grows with the
+  # batches only.
   import re
 
   def reductions(n, alias):
@@ -413,5 +462,7 @@ def test_exact_diagnostics_add_no_reduction_per_leaf():
     jaxpr = jax.make_jaxpr(opt.update)(params, opt.init(params), params)
     return len(re.findall(r"\breduce_sum\[", str(jaxpr)))
 
+  m = exact.MAX_STACK
   for alias in (optax_ramda.ramda, optax_ramda.prox_adamw):
-    assert reductions(12, alias) == reductions(4, alias), alias.__name__
+    assert reductions(m, alias) == reductions(2, alias), alias.__name__
+    assert reductions(2 * m, alias) == reductions(m + 1, alias), alias.__name__

@@ -62,6 +62,7 @@ which is at most ``eps phi'(rh) rh``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -80,6 +81,18 @@ from optax_ramda._src.solvers import (
 )
 
 DEFAULT_MAX_NEWTON = 40
+
+MAX_STACK = 8
+"""Most same-shape leaves in one stacked batch of the exact solver.
+
+XLA's CPU backend fuses nothing into a concatenation of more than 8 operands
+(``kMaxConcatenateArguments`` of its instruction fusion). A stack of more
+leaves is therefore a plain copy of each leaf's stored ``P`` (and ``x0``,
+``V``), where a stack of at most 8 computes each leaf's metric (RAMDA's cube
+root) as it writes the stack. Smaller batches also keep each Newton pass's
+arrays smaller (better in cache), at the price of more kernels per pass and
+more compile time. Measured in BENCHMARKS.md, "Stacks of at most 8 leaves".
+"""
 
 
 class _Scaled(NamedTuple):
@@ -205,8 +218,9 @@ def exact_solve(
     leaf = group_leaf(GroupSpec((1,)), x0, "w")
     z = exact_solve([leaf], [LeafProblem(x0, V, P, x0, t)])[0].z
 
-  Leaves with the same grouping, shape and dtype are solved stacked, as one
-  batch (each group is independent, so every leaf's result equals its solo
+  Leaves with the same grouping, shape and dtype are solved stacked, in
+  batches of up to :data:`MAX_STACK` leaves (each group is independent, so
+  every leaf's result equals its solo
   solve, up to the summation order where one of the two is chunked;
   ``tests/test_performance_exact.py``). Batches share one
   ``lax.while_loop``, except large batches on a single CPU device (at least
@@ -253,8 +267,9 @@ def exact_solve_vectors(
   # depend on its batch-mates). A Transformer's 72 kernels make 3 batches:
   # XLA then compiles 3 sets of solver passes instead of 72 (measured 10x
   # faster compile and 2x faster run for 48 (64, 64) kernels, BENCHMARKS.md
-  # "Profile"). Only b and P are stacked; they are the solve's two full-size
-  # temporaries anyway, and XLA writes them straight into the stack.
+  # "Profile"), in stacks of at most MAX_STACK leaves. P is stacked, and b
+  # formed from the stacks of P, x0 and V, so that each leaf's P is written
+  # only into the stack, by the fusion that computes it.
   batches: dict[Any, list[int]] = {}
   for i, (leaf, p) in enumerate(zip(leaves, problems)):
     batches.setdefault((leaf, p.metric.shape, p.metric.dtype), []).append(i)
@@ -270,9 +285,13 @@ def exact_solve_vectors(
       done.append((idx, t, solve(bleaf, ps, t, axis, k, max_newton)))
       continue
     ps = [p.folded() for p in ps]  # x0 and V as arrays: the loop reads them only through b
-    b = jnp.stack([p.metric * p.centre - p.linear for p in ps])
-    s, rh = _scale(bleaf, b, jnp.stack([p.metric for p in ps]), t)
-    looped.append((idx, ps, bleaf, t, s, rh))
+    for part in _stack_slices(len(idx)):
+      pp = ps[part]
+      p_stack = jnp.stack([p.metric for p in pp])
+      b = p_stack * jnp.stack([p.centre for p in pp]) - jnp.stack([p.linear for p in pp])
+      sleaf = _stacked(leaf, len(pp))
+      s, rh = _scale(sleaf, b, p_stack, t[part])
+      looped.append((idx[part], pp, sleaf, t[part], s, rh))
   rhs, iters, secs = _newton([(bleaf, s, rh) for _, _, bleaf, _, s, rh in looped], max_newton)
   for (idx, ps, _, t, s, _), rh, it, sec in zip(looped, rhs, iters, secs):
     if len(ps) == 1:
@@ -292,6 +311,18 @@ def exact_solve_vectors(
   cat = lambda vs: vs[0] if len(vs) == 1 else jnp.concatenate(vs)
   res = cat([r.astype(rdt) for r in ress])
   return VectorSolution(zs, cat(its), jnp.zeros_like(res), res, tuple(order))
+
+
+def _stack_slices(n: int) -> list[slice]:
+  """``n`` same-shape leaves cut into the fewest stacks of at most :data:`MAX_STACK`.
+
+  The stacks are as equal as possible (sizes differ by at most 1), so that
+  their solver kernels, and the kernels that read a leaf at its offset in a
+  stack, are mostly the same kernels, which XLA compiles once.
+  """
+  k = -(-n // MAX_STACK)
+  bounds = [n * i // k for i in range(k + 1)]
+  return [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
 
 
 def _newton(batches: Sequence[tuple[GroupLeaf, _Scaled, jax.Array]], max_newton: int):
