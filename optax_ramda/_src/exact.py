@@ -220,8 +220,8 @@ def exact_solve(
 
   Leaves with the same grouping, shape and dtype are solved stacked, in
   batches of up to :data:`MAX_STACK` leaves (each group is independent, so
-  every leaf's result equals its solo
-  solve, up to the summation order where one of the two is chunked;
+  every leaf's result equals its solo solve, up to the summation order where
+  one of the two is chunked;
   ``tests/test_performance_exact.py``). Batches share one
   ``lax.while_loop``, except large batches on a single CPU device (at least
   :data:`CHUNK_FROM` entries), which are solved chunk by chunk of their
@@ -264,10 +264,10 @@ def exact_solve_vectors(
     return VectorSolution.of_leaves([])
   # Leaves with the same grouping, shape and dtype are solved as one stacked
   # array (ALGORITHMS.md §6: groups are independent, so a leaf's bits do not
-  # depend on its batch-mates). A Transformer's 72 kernels make 3 batches:
+  # depend on its batch-mates). A Transformer's 72 kernels have 3 shapes:
   # XLA then compiles 3 sets of solver passes instead of 72 (measured 10x
   # faster compile and 2x faster run for 48 (64, 64) kernels, BENCHMARKS.md
-  # "Profile"), in stacks of at most MAX_STACK leaves. P is stacked, and b
+  # "Profile"), in batches of at most MAX_STACK leaves. P is stacked, and b
   # formed from the stacks of P, x0 and V, so that each leaf's P is written
   # only into the stack, by the fusion that computes it.
   batches: dict[Any, list[int]] = {}
