@@ -7,6 +7,8 @@ state and temporary-memory budgets are checked from ``opt.init`` and XLA's
 compiled memory analysis.
 """
 
+import re
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -103,8 +105,6 @@ def test_stacks_are_written_by_the_fused_metric():
   fused with its producers. Checked in the optimized HLO of RAMDA's update
   with 12 same-shape regularized leaves.
   """
-  import re
-
   params = {f"w{i}": jnp.ones((16, 8)) for i in range(12)}
   reg = optax_ramda.group_lasso({k: GroupSpec((1,)) for k in params})
   opt = optax_ramda.ramda(1e-2, 1e-3, reg)
@@ -453,8 +453,6 @@ def test_exact_diagnostics_add_no_reduction_per_leaf():
   # "Diagnostics without per-leaf kernels"). Same-shape leaves form batches of
   # up to exact.MAX_STACK, so the update's number of reductions grows with the
   # batches only.
-  import re
-
   def reductions(n, alias):
     params = {f"w{i}": jnp.ones((16, 8)) for i in range(n)}
     reg = optax_ramda.group_lasso({k: optax_ramda.GroupSpec((1,)) for k in params})

@@ -350,14 +350,14 @@ def closed_form(leaf: GroupLeaf, p: LeafProblem, fused: bool = False) -> LeafSol
   if not fused:
     return scalar_metric_prox(leaf.shrink, p)
   x0, v = p.centre, p.linear
-  cx = None if p.centre_scale is None else jnp.asarray(p.centre_scale).astype(x0.dtype)
   cv = 1 / p.metric
   if p.linear_scale is not None:
     cv = jnp.asarray(p.linear_scale).astype(v.dtype) * cv
   thr = p.threshold / p.metric
-  f, _ = leaf.shrink_factor(leaf.norm((x0 if cx is None else x0 * cx) - v * cv), thr)
+  f, _ = leaf.shrink_factor(leaf.norm(p.scaled_centre() - v * cv), thr)
   f = jnp.where(thr > 0, f, 1)
-  return direct_solution(x0 * (f if cx is None else cx * f) - v * (cv * f))
+  fx = f if p.centre_scale is None else jnp.asarray(p.centre_scale).astype(x0.dtype) * f
+  return direct_solution(x0 * fx - v * (cv * f))
 
 
 def _per_leaf(solve: Callable[..., list[LeafSolution]]) -> Callable[..., VectorSolution]:
