@@ -278,6 +278,34 @@ def test_bf16_params(name, acc):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("acc", [None, jnp.float32])
+def test_bf16_trajectory_follows_float32(name, acc):
+  """bf16 params end within a few bf16 roundings of the float32 run.
+
+  Each of the STEPS steps rounds the params to bf16 (8 bits: an ulp is
+  2^-7 of the leading power of two), so they may drift by a few ulps of the
+  largest param; a wrong update is off by the steps' size or more (in bf16
+  Adam's b2 = 0.999 rounds to 1, which used to leave v at 0 and make
+  ProxGen's step lr * m / eps).
+  """
+  p16 = make_params(jnp.bfloat16)
+  f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+  g16 = grads_seq(p16)
+  t16, _ = run(build(name, accumulator_dtype=acc), p16, g16)
+  t32, _ = run(build(name), f32(p16), [f32(g) for g in g16])
+  top = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(t32[-1]))
+  ulp = 2.0 ** (np.floor(np.log2(top)) - 7)
+  diff = max(
+      float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))
+      for a, b in zip(jax.tree.leaves(t16[-1]), jax.tree.leaves(t32[-1]))
+  )
+  pairs = zip(jax.tree.leaves(t32[-1]), jax.tree.leaves(f32(p16)))
+  move = max(float(jnp.max(jnp.abs(a - b))) for a, b in pairs)
+  assert move > 4 * ulp  # the bound below is tighter than the steps taken
+  assert diff <= 4 * ulp, (diff, ulp, move)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_extra_args_accepted(name):
   params = make_params()
   opt = clipped(name)

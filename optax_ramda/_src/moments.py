@@ -65,7 +65,7 @@ def adam_subproblem(
   validation.check_positive("eps", eps)
   validation.check_non_negative("weight_decay", weight_decay)
   schedule = schedule or StageSchedule()
-  acc = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
+  acc = validation.accumulator_dtype(accumulator_dtype)
 
   def init_fn(params):
     return AdamSubproblemState(
@@ -94,9 +94,15 @@ def adam_subproblem(
     one = 1 + 0 * k
 
     def moments(m, v, g):
-      g = g.astype(m.dtype)
-      c1, c2 = b1_.astype(m.dtype), b2_.astype(m.dtype)
-      return c1 * m + (1 - c1) * g, c2 * v + (1 - c2) * g * g
+      # In at least float32: in bfloat16 b2 = 0.999 rounds to 1, and v would
+      # stay 0 (the metric then eps, the step lr * m / eps). float32 and
+      # float64 moments are computed in their own dtype, as before.
+      w = jnp.promote_types(m.dtype, jnp.float32)
+      g = g.astype(w)
+      c1, c2 = b1_.astype(w), b2_.astype(w)
+      m_new = c1 * m.astype(w) + (1 - c1) * g
+      v_new = c2 * v.astype(w) + (1 - c2) * g * g
+      return m_new.astype(m.dtype), v_new.astype(v.dtype)
 
     mv = jax.tree.map(moments, state.mu, state.nu, updates)
     mu = jax.tree.map(lambda _, pair: pair[0], state.mu, mv)
@@ -152,7 +158,7 @@ def sgd_subproblem(
   validation.check_positive("learning_rate", learning_rate)
   validation.check_momentum("momentum", momentum)
   schedule = schedule or StageSchedule()
-  acc = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
+  acc = validation.accumulator_dtype(accumulator_dtype)
 
   def init_fn(params):
     return SgdSubproblemState(
