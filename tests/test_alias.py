@@ -187,6 +187,15 @@ def test_update_without_params_raises(name):
         (lambda reg: optax_ramda.ramda(0.1, 0.1, reg, rtol=-1.0), "rtol"),
         (lambda reg: optax_ramda.ramda(0.1, 0.1, None), "without a regularizer"),
         (lambda reg: optax_ramda.prox_adamw(0.1, 0.1, reg, b1=1.0), "b1"),
+        (lambda reg: optax_ramda.ramda(float("inf"), 0.1, reg), "finite"),
+        (lambda reg: optax_ramda.prox_sgd(float("inf"), 0.1, reg), "finite"),
+        (lambda reg: optax_ramda.ramda(0.1, 0.1, reg, eps=float("inf")), "finite"),
+        (lambda reg: optax_ramda.ramda(0.1, float("inf"), reg), "finite"),
+        (lambda reg: optax_ramda.ramda(np.array([0.1]), 0.1, reg), "scalar"),
+        (lambda reg: optax_ramda.prox_adamw(0.1, np.array([0.1, 0.2]), reg), "scalar"),
+        (lambda reg: optax_ramda.ramda(0.1, 0.1, reg, accumulator_dtype=jnp.int32), "floating"),
+        (lambda reg: optax_ramda.prox_adamw(0.1, 0.1, reg, accumulator_dtype="int8"), "floating"),
+        (lambda reg: optax_ramda.rmda(0.1, 0.1, reg, accumulator_dtype=jnp.complex64), "floating"),
     ],
 )
 def test_bad_hyperparameters_raise_at_construction(make, match):
@@ -257,3 +266,80 @@ def test_alpha_compensated_sum_does_not_drift():
   for w in np.asarray(weights):
     naive = np.float32(naive + w)
   assert abs(float(naive) - exact) / exact > 10 * rel
+
+
+@pytest.mark.parametrize("name", [*OPTIMIZERS, "prox_ssi"])
+def test_integer_and_bool_leaves_pass_through(name):
+  """Unregularized non-float leaves keep their values; the float leaves are unaffected.
+
+  With an integer state the dual averages' metric rounds to 0 and ``z`` would
+  be ``0 / 0`` (the leaf used to come back as zeros).
+  """
+  make = OPTIMIZERS.get(name, lambda reg: optax_ramda.prox_ssi(0.01, 0.05, reg))
+  params, _, loss = _problem()
+  spec = {"w": GroupSpec((1,)), "conv": GroupSpec((0, 1, 3)), "b": None}
+  ids = jnp.array([5, 7, 9], jnp.int32)
+  flag = jnp.array([True, False])
+  mixed = {**params, "ids": ids, "flag": flag}
+  reg_mixed = optax_ramda.group_lasso({**spec, "ids": None, "flag": None})
+  opt = make(reg_mixed)
+  state = opt.init(mixed)
+  # The state holds arrays for the float leaves only (MaskedNode placeholders,
+  # which have no leaves, for the others): the arrays of the state without them.
+  ref_state = make(optax_ramda.group_lasso(spec)).init(params)
+  shapes = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+  assert shapes(state) == shapes(ref_state)
+
+  @jax.jit
+  def step(p, s, x):
+    g = jax.grad(loss)({k: p[k] for k in params}, x)
+    g = {**g, "ids": jnp.ones(3, jnp.int32), "flag": jnp.array([True, True])}
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s, u
+
+  p = mixed
+  for t in range(4):
+    x = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(1), t), (8, 6))
+    p, state, u = step(p, state, x)
+    assert u["ids"].dtype == jnp.int32 and not jnp.any(u["ids"])
+  np.testing.assert_array_equal(p["ids"], ids)
+  np.testing.assert_array_equal(p["flag"], flag)
+  ref, _ = _run(make(optax_ramda.group_lasso(spec)), params, loss, 4)
+  chex.assert_trees_all_close({k: p[k] for k in params}, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_complex_params_raise_at_init():
+  params, reg, _ = _problem()
+  params = {**params, "b": jnp.zeros(5, jnp.complex64)}
+  for make in OPTIMIZERS.values():
+    with pytest.raises(ValueError, match="complex"):
+      make(reg).init(params)
+
+
+@pytest.mark.parametrize("name", ["ramda", "rmda"])
+def test_float16_params_need_a_wider_accumulator(name):
+  """The dual averages grow like k^1.5 and leave float16's range: refused at init."""
+  params, reg, loss = _problem(dtype=jnp.float16)
+  with pytest.raises(ValueError, match=r"accumulator_dtype=jnp\.float32"):
+    OPTIMIZERS[name](reg).init(params)
+  p, state = _run(OPTIMIZERS[name](reg, accumulator_dtype=jnp.float32), params, loss, 3)
+  assert all(x.dtype == jnp.float16 for x in jax.tree.leaves(p))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))
+
+
+def test_a_single_milestone_may_be_an_int():
+  params, reg, loss = _problem()
+  a, _ = _run(optax_ramda.ramda(0.05, 0.05, reg, milestones=2), params, loss, 4)
+  b, _ = _run(optax_ramda.ramda(0.05, 0.05, reg, milestones=(2,)), params, loss, 4)
+  chex.assert_trees_all_equal(a, b)
+  # Under inject_hyperparams a bare int becomes an array: a clear error.
+  injected = optax.inject_hyperparams(optax_ramda.ramda)(0.05, 0.05, reg, milestones=2)
+  with pytest.raises(ValueError, match="static_args"):
+    injected.update(params, injected.init(params), params)
+
+
+def test_group_axis_on_a_scalar_names_the_fix():
+  params = {"s": jnp.ones(()), "w": jnp.ones((3, 2))}
+  reg = optax_ramda.group_lasso({"s": GroupSpec((0,)), "w": None})
+  with pytest.raises(ValueError, match=r"scalar.*GroupSpec\(\(\)\)"):
+    optax_ramda.ramda(0.1, 0.1, reg).init(params)

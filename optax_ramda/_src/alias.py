@@ -10,10 +10,16 @@ dtype class) is::
                                  static_args=("accumulator_dtype",))(
       learning_rate=0.01, strength=1e-4, regularizer=reg)
 
-``solver`` (a string or None) and ``track_residual`` (a bool) are static
-without being listed: ``inject_hyperparams`` passes strings, None and bools
-through unchanged. ``subgradient_tol`` may be a number or a schedule; under
+``milestones`` given as a tuple is static without being listed; a single
+milestone given as a bare int must be listed. ``solver`` (a string or None)
+and ``track_residual`` (a bool) are static without being listed:
+``inject_hyperparams`` passes strings, None and bools through unchanged.
+``subgradient_tol`` may be a number or a schedule; under
 ``inject_hyperparams`` a schedule is evaluated at the wrapper's step count.
+
+Each alias hands its stages the real floating-point leaves of the params only
+(``non_float.float_leaves_only``): integer and boolean leaves get a zero
+update and no state.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from optax._src import base
 from optax_ramda._src.dual_averaging import dual_averaging
 from optax_ramda._src.interpolation import interpolate
 from optax_ramda._src.moments import adam_subproblem, sgd_subproblem
+from optax_ramda._src.non_float import float_leaves_only
 from optax_ramda._src.preconditioners import cube_root_metric, sqrt_count_metric
 from optax_ramda._src.regularizers import Regularizer
 from optax_ramda._src.schedule import StageSchedule
@@ -42,7 +49,7 @@ def ramda(
     rtol: Any = 1e-8,
     max_iters: Any = 100,
     min_iters: Any = 2,
-    milestones: Sequence[int] = (),
+    milestones: int | Sequence[int] = (),
     gamma: float = 0.1,
     steps_per_epoch: int = 1,
     solver: str | None = None,
@@ -101,16 +108,20 @@ def ramda(
       ``solver="pg"``.
     track_residual: compute the PG solver's optimality residual every step
       for the diagnostics (static bool; see :class:`SolveState`).
-    accumulator_dtype: dtype of ``x0``, ``V``, ``U``; None: the params'
-      (static).
+    accumulator_dtype: dtype of ``x0``, ``V``, ``U``, a real float dtype;
+      None: the params' (static). float16 params need a wider one (refused
+      at ``init`` without it: the averages leave float16's range).
+
+  Integer and boolean leaves of ``params`` are passed through with a zero
+  update and hold no state; complex leaves are refused at ``init``.
 
   References:
     Z.-S. Huang, C.-p. Lee, *Regularized Adaptive Momentum Dual Averaging with
     an Efficient Inexact Subproblem Solver for Training Structured Neural
     Network*, NeurIPS 2024, arXiv:2403.14398.
   """
-  schedule = StageSchedule(tuple(milestones), gamma, steps_per_epoch)
-  return optax.chain(
+  schedule = StageSchedule(_milestones(milestones), gamma, steps_per_epoch)
+  chain = optax.chain(
       dual_averaging(learning_rate, schedule, accumulator_dtype),
       cube_root_metric(eps, schedule, accumulator_dtype),
       solve_subproblem(
@@ -119,6 +130,7 @@ def ramda(
       ),
       interpolate(momentum, schedule),
   )
+  return float_leaves_only(chain, regularizer)
 
 
 def rmda(
@@ -126,7 +138,7 @@ def rmda(
     strength: Any = 0.0,
     regularizer: Regularizer | None = None,
     momentum: Any = 0.01,
-    milestones: Sequence[int] = (),
+    milestones: int | Sequence[int] = (),
     gamma: float = 0.1,
     steps_per_epoch: int = 1,
     accumulator_dtype: Any | None = None,
@@ -146,13 +158,14 @@ def rmda(
     Manifold Identification and Variance Reduction*, ICLR 2022,
     arXiv:2112.02612.
   """
-  schedule = StageSchedule(tuple(milestones), gamma, steps_per_epoch)
-  return optax.chain(
+  schedule = StageSchedule(_milestones(milestones), gamma, steps_per_epoch)
+  chain = optax.chain(
       dual_averaging(learning_rate, schedule, accumulator_dtype),
       sqrt_count_metric(),
       solve_subproblem(regularizer, strength),
       interpolate(momentum, schedule),
   )
+  return float_leaves_only(chain, regularizer)
 
 
 def prox_adamw(
@@ -166,7 +179,7 @@ def prox_adamw(
     rtol: Any = 1e-8,
     max_iters: Any = 100,
     min_iters: Any = 2,
-    milestones: Sequence[int] = (),
+    milestones: int | Sequence[int] = (),
     gamma: float = 0.1,
     steps_per_epoch: int = 1,
     solver: str | None = None,
@@ -217,8 +230,8 @@ def prox_adamw(
     J. Yun, A. Lozano, E. Yang, *Adaptive Proximal Gradient Methods for
     Structured Neural Networks*, NeurIPS 2021.
   """
-  schedule = StageSchedule(tuple(milestones), gamma, steps_per_epoch)
-  return optax.chain(
+  schedule = StageSchedule(_milestones(milestones), gamma, steps_per_epoch)
+  chain = optax.chain(
       adam_subproblem(
           learning_rate, b1, b2, eps, weight_decay, schedule, accumulator_dtype
       ),
@@ -228,6 +241,7 @@ def prox_adamw(
       ),
       interpolate(1.0),
   )
+  return float_leaves_only(chain, regularizer)
 
 
 def prox_sgd(
@@ -235,7 +249,7 @@ def prox_sgd(
     strength: Any = 0.0,
     regularizer: Regularizer | None = None,
     momentum: Any = 0.1,
-    milestones: Sequence[int] = (),
+    milestones: int | Sequence[int] = (),
     gamma: float = 0.1,
     steps_per_epoch: int = 1,
     accumulator_dtype: Any | None = None,
@@ -253,12 +267,26 @@ def prox_sgd(
     Yang et al., *ProxSGD: Training Structured Neural Networks under
     Regularization and Constraints*, ICLR 2020.
   """
-  schedule = StageSchedule(tuple(milestones), gamma, steps_per_epoch)
-  return optax.chain(
+  schedule = StageSchedule(_milestones(milestones), gamma, steps_per_epoch)
+  chain = optax.chain(
       sgd_subproblem(learning_rate, momentum, schedule, accumulator_dtype),
       solve_subproblem(regularizer, strength),
       interpolate(1.0),
   )
+  return float_leaves_only(chain, regularizer)
+
+
+def _milestones(milestones: int | Sequence[int]) -> int | tuple[int, ...]:
+  """A bare int is one milestone (as :class:`StageSchedule` takes it)."""
+  if isinstance(milestones, int):
+    return milestones
+  if getattr(milestones, "ndim", None) == 0:
+    raise ValueError(
+        "milestones must be static (a tuple of ints, or an int), got an array. "
+        "Under optax.inject_hyperparams pass a tuple, e.g. milestones=(30,), or "
+        "list it in static_args=('milestones',)."
+    )
+  return tuple(milestones)
 
 
 def prox_ssi(
@@ -268,7 +296,7 @@ def prox_ssi(
     b1: Any = 0.9,
     b2: Any = 0.999,
     eps: Any = 1e-8,
-    milestones: Sequence[int] = (),
+    milestones: int | Sequence[int] = (),
     gamma: float = 0.1,
     steps_per_epoch: int = 1,
     accumulator_dtype: Any | None = None,

@@ -57,7 +57,9 @@ def dual_averaging(
   Args:
     learning_rate: ``lr`` (> 0).
     schedule: the stage-wise schedule (milestones, gamma); ``None``: one stage.
-    accumulator_dtype: dtype of ``x0`` and ``V``; ``None``: the params'.
+    accumulator_dtype: dtype of ``x0`` and ``V`` (a real float dtype);
+      ``None``: the params', which ``init`` refuses for float16 (``V`` grows
+      like ``k^1.5`` and leaves float16's range within a few thousand steps).
       (``static_args`` under ``optax.inject_hyperparams``.)
 
   References:
@@ -66,9 +68,11 @@ def dual_averaging(
   """
   validation.check_positive("learning_rate", learning_rate)
   schedule = schedule or StageSchedule()
-  acc = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
+  acc = validation.accumulator_dtype(accumulator_dtype)
 
   def init_fn(params):
+    if acc is None:
+      validation.check_dual_average_dtypes(params)
     dt = scalar_dtype()
     # A copy, never the params' own buffer: a step that donates both the params
     # and the state must not be handed the same buffer twice.

@@ -135,6 +135,12 @@ class GroupLeaf:
 def normalize_axes(axes: Sequence[int], ndim: int, path: str) -> tuple[int, ...]:
   out = []
   for a in axes:
+    if ndim == 0:
+      raise ValueError(
+          f"reduce axis {a} given for parameter {path}, which is a scalar (no "
+          "axes). Use GroupSpec(()) to make the scalar its own group, or None "
+          "to leave it unregularized."
+      )
     if not -ndim <= a < ndim:
       raise ValueError(
           f"reduce axis {a} is out of range for parameter {path} with {ndim} "

@@ -117,7 +117,7 @@ def cube_root_metric(
   """
   validation.check_positive("eps", eps)
   schedule = schedule or StageSchedule()
-  acc = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
+  acc = validation.accumulator_dtype(accumulator_dtype)
 
   def init_fn(params):
     return CubeRootMetricState(optax.tree.zeros_like(params, dtype=acc))

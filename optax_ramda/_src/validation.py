@@ -8,9 +8,11 @@ checked on the host without a sync, so they are left alone.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -27,20 +29,39 @@ def concrete_float(value: Any) -> float | None:
   return float(arr)
 
 
+def concrete_scalar(name: str, value: Any) -> float | None:
+  """:func:`concrete_float`, but a concrete numeric array that is not a scalar raises.
+
+  An array hyperparameter such as ``np.array([0.1])`` would skip the checks
+  below and change the shapes of the state's scalars.
+  """
+  if not callable(value) and not isinstance(value, jax.core.Tracer):
+    try:
+      arr = np.asarray(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+      arr = None
+    if arr is not None and arr.ndim != 0 and np.issubdtype(arr.dtype, np.number):
+      raise ValueError(
+          f"{name} must be a scalar (or a schedule), got an array of shape "
+          f"{arr.shape}. Pass a Python float or a 0-d array."
+      )
+  return concrete_float(value)
+
+
 def check_positive(name: str, value: Any) -> None:
-  v = concrete_float(value)
-  if v is not None and not v > 0:
-    raise ValueError(f"{name} must be > 0, got {v}. Pass a positive {name}.")
+  v = concrete_scalar(name, value)
+  if v is not None and not 0 < v < math.inf:
+    raise ValueError(f"{name} must be finite and > 0, got {v}. Pass a positive {name}.")
 
 
 def check_non_negative(name: str, value: Any) -> None:
-  v = concrete_float(value)
-  if v is not None and not v >= 0:
-    raise ValueError(f"{name} must be >= 0, got {v}. Pass {name} >= 0.")
+  v = concrete_scalar(name, value)
+  if v is not None and not 0 <= v < math.inf:
+    raise ValueError(f"{name} must be finite and >= 0, got {v}. Pass {name} >= 0.")
 
 
 def check_momentum(name: str, value: Any) -> None:
-  v = concrete_float(value)
+  v = concrete_scalar(name, value)
   if v is not None and not 0 < v <= 1:
     raise ValueError(
         f"{name} (the interpolation weight c) must lie in (0, 1], got {v}. "
@@ -50,13 +71,14 @@ def check_momentum(name: str, value: Any) -> None:
 
 
 def check_unit_interval(name: str, value: Any) -> None:
-  v = concrete_float(value)
+  v = concrete_scalar(name, value)
   if v is not None and not 0 <= v < 1:
     raise ValueError(f"{name} must lie in [0, 1), got {v}.")
 
 
 def check_iterations(max_iters: Any, min_iters: Any) -> None:
-  hi, lo = concrete_float(max_iters), concrete_float(min_iters)
+  hi = concrete_scalar("max_iters", max_iters)
+  lo = concrete_scalar("min_iters", min_iters)
   if hi is not None and (hi < 1 or hi != int(hi)):
     raise ValueError(f"max_iters must be an integer >= 1, got {max_iters}.")
   if lo is not None and (lo < 0 or lo != int(lo)):
@@ -65,3 +87,40 @@ def check_iterations(max_iters: Any, min_iters: Any) -> None:
     raise ValueError(
         f"min_iters ({min_iters}) must not exceed max_iters ({max_iters})."
     )
+
+
+def accumulator_dtype(value: Any) -> Any:
+  """``accumulator_dtype`` as a ``jnp.dtype`` (None stays None); a real float type."""
+  if value is None:
+    return None
+  try:
+    dt = jnp.dtype(value)
+  except TypeError as e:
+    raise ValueError(
+        f"accumulator_dtype must be a floating-point dtype such as jnp.float32, "
+        f"got {value!r}."
+    ) from e
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(
+        f"accumulator_dtype must be a real floating-point dtype such as "
+        f"jnp.float32, got {dt}."
+    )
+  return dt
+
+
+def check_dual_average_dtypes(params: Any) -> None:
+  """float16 params need a wider accumulator for the dual averages.
+
+  ``V = sum_i s_i g_i`` and ``U = sum_i s_i g_i^2`` with ``s_i = lr sqrt(i)``
+  grow like ``k^1.5`` within a stage, past float16's largest value (65504)
+  after a few thousand steps, and then the params become NaN.
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if jnp.result_type(leaf) == jnp.float16:
+      raise ValueError(
+          f"parameter {jax.tree_util.keystr(path)} is float16. The dual averages "
+          "(x0, V and U, ALGORITHMS.md §2-3) grow with the step count and leave "
+          "float16's range (65504) within a few thousand steps. Pass "
+          "accumulator_dtype=jnp.float32 (the params stay float16), or use "
+          "bfloat16 params."
+      )
