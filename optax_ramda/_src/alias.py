@@ -110,7 +110,7 @@ def ramda(
       for the diagnostics (static bool; see :class:`SolveState`).
     accumulator_dtype: dtype of ``x0``, ``V``, ``U``, a real float dtype;
       None: the params' (static). float16 params need a wider one (refused
-      at ``init`` without it: the averages leave float16's range).
+      at ``init`` without it: the averages can leave float16's range).
 
   Integer and boolean leaves of ``params`` are passed through with a zero
   update and hold no state; complex leaves are refused at ``init``.

@@ -59,7 +59,7 @@ def dual_averaging(
     schedule: the stage-wise schedule (milestones, gamma); ``None``: one stage.
     accumulator_dtype: dtype of ``x0`` and ``V`` (a real float dtype);
       ``None``: the params', which ``init`` refuses for float16 (``V`` grows
-      like ``k^1.5`` and leaves float16's range within a few thousand steps).
+      like ``k^1.5`` and can leave float16's range within a few thousand steps).
       (``static_args`` under ``optax.inject_hyperparams``.)
 
   References:

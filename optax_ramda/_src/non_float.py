@@ -8,8 +8,8 @@ and ``U`` the metric ``cbrt(U) + eps`` rounds to 0 and ``z = x0 - V / P`` is
 only the real floating-point leaves (an ``optax.MaskedNode`` in place of each
 other leaf, as ``optax.masked`` does) and return a zero update for the
 others. The state then holds nothing for those leaves. For a params tree of
-floating-point leaves only, the wrapper returns the inner transformation
-itself: same state, same program.
+floating-point leaves only, ``init`` and ``update`` call the inner ones
+unchanged: same state, same program.
 
 Complex leaves are refused at ``init`` (the regularizers and the cube root
 are defined on real numbers), and a regularized integer leaf keeps the

@@ -112,15 +112,15 @@ def check_dual_average_dtypes(params: Any) -> None:
   """float16 params need a wider accumulator for the dual averages.
 
   ``V = sum_i s_i g_i`` and ``U = sum_i s_i g_i^2`` with ``s_i = lr sqrt(i)``
-  grow like ``k^1.5`` within a stage, past float16's largest value (65504)
+  grow like ``k^1.5`` within a stage and can pass float16's largest value (65504)
   after a few thousand steps, and then the params become NaN.
   """
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     if jnp.result_type(leaf) == jnp.float16:
       raise ValueError(
           f"parameter {jax.tree_util.keystr(path)} is float16. The dual averages "
-          "(x0, V and U, ALGORITHMS.md §2-3) grow with the step count and leave "
+          "V and U (ALGORITHMS.md §2-3) grow with the step count and can leave "
           "float16's range (65504) within a few thousand steps. Pass "
-          "accumulator_dtype=jnp.float32 (the params stay float16), or use "
-          "bfloat16 params."
+          "accumulator_dtype=jnp.float32 (x0, V and U in float32; the params "
+          "stay float16), or use bfloat16 params."
       )
