@@ -308,6 +308,22 @@ def test_integer_and_bool_leaves_pass_through(name):
   chex.assert_trees_all_close({k: p[k] for k in params}, ref, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_float0_gradients_of_integer_leaves(name):
+  """``jax.grad(..., allow_int=True)`` gives integer leaves float0 gradients."""
+  params, reg, loss = _problem()
+  mixed = {**params, "ids": jnp.array([5, 7, 9], jnp.int32)}
+  reg = optax_ramda.group_lasso(
+      {"w": GroupSpec((1,)), "conv": GroupSpec((0, 1, 3)), "b": None, "ids": None}
+  )
+  opt = OPTIMIZERS[name](reg)
+  x = jnp.ones((8, 6))
+  g = jax.grad(lambda p: loss({k: p[k] for k in params}, x), allow_int=True)(mixed)
+  assert g["ids"].dtype == jax.dtypes.float0
+  u, _ = jax.jit(opt.update)(g, opt.init(mixed), mixed)
+  np.testing.assert_array_equal(optax.apply_updates(mixed, u)["ids"], mixed["ids"])
+
+
 def test_complex_params_raise_at_init():
   params, reg, _ = _problem()
   params = {**params, "b": jnp.zeros(5, jnp.complex64)}
