@@ -120,7 +120,7 @@ def ramda(
     an Efficient Inexact Subproblem Solver for Training Structured Neural
     Network*, NeurIPS 2024, arXiv:2403.14398.
   """
-  schedule = StageSchedule(_milestones(milestones), gamma, steps_per_epoch)
+  schedule = StageSchedule(milestones, gamma, steps_per_epoch)
   chain = optax.chain(
       dual_averaging(learning_rate, schedule, accumulator_dtype),
       cube_root_metric(eps, schedule, accumulator_dtype),
@@ -158,7 +158,7 @@ def rmda(
     Manifold Identification and Variance Reduction*, ICLR 2022,
     arXiv:2112.02612.
   """
-  schedule = StageSchedule(_milestones(milestones), gamma, steps_per_epoch)
+  schedule = StageSchedule(milestones, gamma, steps_per_epoch)
   chain = optax.chain(
       dual_averaging(learning_rate, schedule, accumulator_dtype),
       sqrt_count_metric(),
@@ -230,7 +230,7 @@ def prox_adamw(
     J. Yun, A. Lozano, E. Yang, *Adaptive Proximal Gradient Methods for
     Structured Neural Networks*, NeurIPS 2021.
   """
-  schedule = StageSchedule(_milestones(milestones), gamma, steps_per_epoch)
+  schedule = StageSchedule(milestones, gamma, steps_per_epoch)
   chain = optax.chain(
       adam_subproblem(
           learning_rate, b1, b2, eps, weight_decay, schedule, accumulator_dtype
@@ -267,26 +267,13 @@ def prox_sgd(
     Yang et al., *ProxSGD: Training Structured Neural Networks under
     Regularization and Constraints*, ICLR 2020.
   """
-  schedule = StageSchedule(_milestones(milestones), gamma, steps_per_epoch)
+  schedule = StageSchedule(milestones, gamma, steps_per_epoch)
   chain = optax.chain(
       sgd_subproblem(learning_rate, momentum, schedule, accumulator_dtype),
       solve_subproblem(regularizer, strength),
       interpolate(1.0),
   )
   return float_leaves_only(chain, regularizer)
-
-
-def _milestones(milestones: int | Sequence[int]) -> int | tuple[int, ...]:
-  """A bare int is one milestone (as :class:`StageSchedule` takes it)."""
-  if isinstance(milestones, int):
-    return milestones
-  if getattr(milestones, "ndim", None) == 0:
-    raise ValueError(
-        "milestones must be static (a tuple of ints, or an int), got an array. "
-        "Under optax.inject_hyperparams pass a tuple, e.g. milestones=(30,), or "
-        "list it in static_args=('milestones',)."
-    )
-  return tuple(milestones)
 
 
 def prox_ssi(

@@ -292,7 +292,7 @@ def exact_solve_vectors(
       sleaf = _stacked(leaf, len(pp))
       s, rh = _scale(sleaf, b, p_stack, t[part])
       looped.append((idx[part], pp, sleaf, t[part], s, rh))
-  rhs, iters, secs = _newton([(bleaf, s, rh) for _, _, bleaf, _, s, rh in looped], max_newton)
+  rhs, iters, secs = _newton([(sleaf, s, rh) for _, _, sleaf, _, s, rh in looped], max_newton)
   for (idx, ps, _, t, s, _), rh, it, sec in zip(looped, rhs, iters, secs):
     if len(ps) == 1:
       z = [_finish(ps[0], jax.tree.map(lambda a: a[0], s), rh[0])]

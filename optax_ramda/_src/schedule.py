@@ -48,6 +48,12 @@ class StageSchedule:
 
   def __post_init__(self):
     ms = self.milestones
+    if isinstance(ms, jax.Array) and ms.ndim == 0:  # inject_hyperparams made it one
+      raise ValueError(
+          "milestones must be static (a tuple of ints, or an int), got an array. "
+          "Under optax.inject_hyperparams pass a tuple, e.g. milestones=(30,), or "
+          "list it in static_args=('milestones',)."
+      )
     if isinstance(ms, int):
       ms = (ms,)
     ms = tuple(int(m) if float(m) == int(m) else m for m in ms)

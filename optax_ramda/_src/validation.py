@@ -16,17 +16,21 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def concrete_float(value: Any) -> float | None:
-  """The value as a Python float, or None when it is traced or a schedule."""
+def _concrete_number(value: Any) -> np.ndarray | None:
+  """The value as a numeric numpy array, or None when it is traced, a schedule or not numeric."""
   if callable(value) or isinstance(value, jax.core.Tracer):
     return None
   try:
     arr = np.asarray(value)
   except (TypeError, jax.errors.ConcretizationTypeError):
     return None
-  if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number):
-    return None
-  return float(arr)
+  return arr if np.issubdtype(arr.dtype, np.number) else None
+
+
+def concrete_float(value: Any) -> float | None:
+  """The value as a Python float, or None when it is traced or a schedule."""
+  arr = _concrete_number(value)
+  return None if arr is None or arr.ndim != 0 else float(arr)
 
 
 def concrete_scalar(name: str, value: Any) -> float | None:
@@ -35,17 +39,13 @@ def concrete_scalar(name: str, value: Any) -> float | None:
   An array hyperparameter such as ``np.array([0.1])`` would skip the checks
   below and change the shapes of the state's scalars.
   """
-  if not callable(value) and not isinstance(value, jax.core.Tracer):
-    try:
-      arr = np.asarray(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-      arr = None
-    if arr is not None and arr.ndim != 0 and np.issubdtype(arr.dtype, np.number):
-      raise ValueError(
-          f"{name} must be a scalar (or a schedule), got an array of shape "
-          f"{arr.shape}. Pass a Python float or a 0-d array."
-      )
-  return concrete_float(value)
+  arr = _concrete_number(value)
+  if arr is not None and arr.ndim != 0:
+    raise ValueError(
+        f"{name} must be a scalar (or a schedule), got an array of shape "
+        f"{arr.shape}. Pass a Python float or a 0-d array."
+    )
+  return None if arr is None else float(arr)
 
 
 def check_positive(name: str, value: Any) -> None:
