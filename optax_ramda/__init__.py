@@ -29,7 +29,7 @@ from optax_ramda._src.regularizers import GroupLasso, Regularizer, group_lasso, 
 from optax_ramda._src.schedule import StageSchedule
 from optax_ramda._src.solve import SolveState, solve_diagnostics, solve_subproblem
 from optax_ramda._src.structure import LeafStructure, StructureReport, structure
-from optax_ramda._src.subproblem import DualAverage, Subproblem
+from optax_ramda._src.subproblem import DualAverage, NewPoint, Subproblem
 
 __version__ = "0.1.0"
 
@@ -44,6 +44,7 @@ __all__ = [
     "GroupSpec",
     "InterpolateState",
     "LeafStructure",
+    "NewPoint",
     "NuclearNorm",
     "NuclearSpec",
     "Regularizer",

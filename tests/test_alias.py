@@ -109,7 +109,7 @@ def test_z_has_exact_zeros_while_x_does_not_with_small_c(metric):
     v = jax.grad(loss)(params, jax.random.normal(jax.random.PRNGKey(t), (8, 6)))
     for i, stage in enumerate(stages):
       if i == 3:
-        z = v
+        z = v.z
       v, states[i] = stage.update(v, states[i], params)
     params = optax.apply_updates(params, v)
   zero_in = lambda tree: [

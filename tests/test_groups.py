@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
+import optax_ramda
 from optax_ramda import GroupLeaf, GroupSpec
 from optax_ramda._src import groups
 
@@ -27,6 +28,26 @@ def test_masked_nodes_pass_through():
   params = {"k": jnp.zeros((3, 4)), "b": optax.MaskedNode()}
   tree = groups.resolve({"k": GroupSpec((1,)), "b": None}, params)
   assert isinstance(tree["b"], optax.MaskedNode)
+
+
+def test_a_masked_leaf_missing_from_the_spec_is_named_as_masked():
+  """Under optax.masked the spec still lists the masked-out leaves; the error says so."""
+  params = {"k": jnp.ones((3, 4)), "b": jnp.ones(4)}
+  opt = optax.masked(
+      optax_ramda.ramda(0.1, 1e-3, optax_ramda.group_lasso({"k": GroupSpec((1,))})),
+      {"k": True, "b": False},
+  )
+  with pytest.raises(ValueError, match=r"\['b'\] has no entry.*masked out here.*give \['b'\] None"):
+    opt.init(params)
+  # An unmasked missing leaf keeps the plain message.
+  with pytest.raises(ValueError, match=r"\['b'\] has no entry in the spec\. Add an entry"):
+    groups.resolve({"k": GroupSpec((1,))}, params)
+  fixed = optax.masked(
+      optax_ramda.ramda(0.1, 1e-3, optax_ramda.group_lasso({"k": GroupSpec((1,)), "b": None})),
+      {"k": True, "b": False},
+  )
+  updates, _ = fixed.update(params, fixed.init(params), params)
+  assert (updates["b"] == params["b"]).all()  # masked out: the gradient passes unchanged
 
 
 @pytest.mark.parametrize(

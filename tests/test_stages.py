@@ -4,11 +4,12 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from absl.testing import parameterized
 
 import optax_ramda
-from optax_ramda import GroupSpec, StageSchedule
+from optax_ramda import GroupSpec, NewPoint, StageSchedule
 
 
 @pytest.fixture(autouse=True)
@@ -139,16 +140,16 @@ def test_solve_stage_takes_the_scaled_centre_and_linear_term(dtype, reg, solver)
   }
   stage = optax_ramda.solve_subproblem(regs[reg], strength=0.3, solver=solver)
   state = stage.init(x)
-  z_scaled, st_scaled = jax.jit(stage.update)(scaled, state, x)
+  (z_scaled,), st_scaled = jax.jit(stage.update)(scaled, state, x)
   # Folded inside the same jit (XLA may keep a bf16 product in float32 there).
-  z_folded, st_folded = jax.jit(lambda sub, s, x: stage.update(_folded(sub), s, x))(
+  (z_folded,), st_folded = jax.jit(lambda sub, s, x: stage.update(_folded(sub), s, x))(
       scaled, state, x
   )
   chex.assert_trees_all_equal(z_scaled, z_folded)
   chex.assert_trees_all_equal(st_scaled, st_folded)
   # Not vacuous: the regularizer moved "w" and "k" away from the unregularized point.
   plain = optax_ramda.solve_subproblem(regs[reg], strength=0.0, solver=solver)
-  z_plain, _ = jax.jit(plain.update)(scaled, plain.init(x), x)
+  (z_plain,), _ = jax.jit(plain.update)(scaled, plain.init(x), x)
   for name in ("w", "k"):
     assert not np.allclose(z_scaled[name], z_plain[name]), name
 
@@ -180,13 +181,13 @@ def test_interpolate_and_ramp():
   expected_c = [c0] * 4 + [min(c0 * np.sqrt(j + 1), 1.0) for j in range(1, 14)]
   assert expected_c[-1] == 1.0
   for c in expected_c:
-    u, state = opt.update(z, state, x)
+    u, state = opt.update(NewPoint(z), state, x)
     np.testing.assert_allclose(x + u, (1 - c) * x, rtol=1e-15)
   # c == 1: exactly z; zero groups land as exact zeros after apply_updates.
   opt1 = optax_ramda.interpolate(1.0)
   xx = jnp.asarray([0.1, -3.7, 1e-30])
   zz = jnp.asarray([0.0, 2.5, 0.0])
-  u, _ = opt1.update(zz, opt1.init(xx), xx)
+  u, _ = opt1.update(NewPoint(zz), opt1.init(xx), xx)
   new = xx + u
   assert new[0] == 0 and new[2] == 0
 
@@ -194,7 +195,7 @@ def test_interpolate_and_ramp():
 def test_interpolate_keeps_param_dtype():
   opt = optax_ramda.interpolate(0.5)
   x = jnp.ones(4, jnp.bfloat16)
-  u, _ = opt.update(jnp.zeros(4, jnp.float32), opt.init(x), x)
+  u, _ = opt.update(NewPoint(jnp.zeros(4, jnp.float32)), opt.init(x), x)
   assert u.dtype == jnp.bfloat16
 
 
@@ -215,3 +216,74 @@ class RamdaVariantsTest(chex.TestCase):
     chex.assert_trees_all_equal_shapes_and_dtypes(da.sum_grad, params)
     chex.assert_trees_all_equal_shapes_and_dtypes(new_state[1].sum_sq_grad, params)
     chex.assert_tree_all_finite(updates)
+
+
+_STAGES = {
+    "dual_averaging": lambda reg: optax_ramda.dual_averaging(0.1),
+    "cube_root_metric": lambda reg: optax_ramda.cube_root_metric(),
+    "sqrt_count_metric": lambda reg: optax_ramda.sqrt_count_metric(),
+    "adam_subproblem": lambda reg: optax_ramda.adam_subproblem(0.1),
+    "sgd_subproblem": lambda reg: optax_ramda.sgd_subproblem(0.1),
+    "solve_subproblem": lambda reg: optax_ramda.solve_subproblem(reg, 1e-3),
+    "interpolate": lambda reg: optax_ramda.interpolate(0.1),
+}
+
+
+@pytest.mark.parametrize("order, stage, got", [
+    # the metric before the averages: it gets the gradients
+    (["cube_root_metric", "dual_averaging", "solve_subproblem", "interpolate"],
+     "cube_root_metric", "a dict"),
+    # no metric: the solve gets the averages
+    (["dual_averaging", "solve_subproblem", "interpolate"], "solve_subproblem", "the DualAverage"),
+    # no solve: interpolate gets the subproblem
+    (["dual_averaging", "sqrt_count_metric", "interpolate"], "interpolate", "the Subproblem"),
+    (["adam_subproblem", "interpolate"], "interpolate", "the Subproblem"),
+    # interpolate twice, or alone: it gets updates / gradients, not a point
+    (["sgd_subproblem", "solve_subproblem", "interpolate", "interpolate"], "interpolate", "a dict"),
+    (["interpolate"], "interpolate", "a dict"),
+    # two first stages
+    (["dual_averaging", "adam_subproblem", "solve_subproblem", "interpolate"],
+     "adam_subproblem", "the DualAverage"),
+    (["sgd_subproblem", "dual_averaging", "solve_subproblem", "interpolate"],
+     "dual_averaging", "the Subproblem"),
+])
+def test_stages_in_the_wrong_order_name_the_right_one(order, stage, got):
+  """Hand-built chains in the wrong order raise a ValueError naming the order, at the
+  first update (trace time: the same under jit), instead of an AttributeError, a
+  pytree-structure error, or (interpolate alone or twice) silently wrong params."""
+  params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+  reg = optax_ramda.group_lasso({"w": GroupSpec((1,)), "b": None})
+  opt = optax.chain(*[_STAGES[name](reg) for name in order])
+  state = opt.init(params)
+  for update in (opt.update, jax.jit(opt.update)):
+    with pytest.raises(ValueError, match=f"^{stage} takes .* but got {got}") as err:
+      update(params, state, params)
+    assert "optax.chain(dual_averaging(...), cube_root_metric(...)" in str(err.value)
+    assert "optax_ramda.ramda" in str(err.value)
+
+
+def test_a_chain_that_stops_at_the_solve_does_not_pass_z_as_updates():
+  """solve_subproblem's z is a point: ending the chain there gives a NewPoint, which
+  optax.apply_updates refuses, instead of params + z."""
+  params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+  reg = optax_ramda.group_lasso({"w": GroupSpec((1,)), "b": None})
+  opt = optax.chain(
+      optax_ramda.dual_averaging(0.1), optax_ramda.cube_root_metric(),
+      optax_ramda.solve_subproblem(reg, 1e-3),
+  )
+  out, _ = opt.update(params, opt.init(params), params)
+  assert isinstance(out, NewPoint)
+  chex.assert_trees_all_equal_structs(out.z, params)
+  with pytest.raises(ValueError, match="NewPoint"):
+    optax.apply_updates(params, out)
+
+
+def test_the_right_orders_pass_the_checks():
+  """The aliases' orders (and the stages one by one) are accepted."""
+  params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+  reg = optax_ramda.group_lasso({"w": GroupSpec((1,)), "b": None})
+  for first in (["dual_averaging", "cube_root_metric"], ["dual_averaging", "sqrt_count_metric"],
+                ["adam_subproblem"], ["sgd_subproblem"]):
+    opt = optax.chain(*[_STAGES[n](reg) for n in [*first, "solve_subproblem", "interpolate"]])
+    updates, _ = jax.jit(opt.update)(params, opt.init(params), params)
+    chex.assert_trees_all_equal_structs(updates, params)

@@ -162,7 +162,8 @@ def _solve(spec, fields, solver, strength, scale):
   centre, linear, p, warm = (jax.tree.map(jnp.asarray, f) for f in fields)
   sub = Subproblem(centre, linear, p, jnp.asarray(scale), warm)
   state = sol.init(centre)
-  return jax.jit(sol.update)(sub, state, centre)
+  new_point, st = jax.jit(sol.update)(sub, state, centre)
+  return new_point.z, st
 
 
 def test_closed_form_prox_is_block_soft_threshold_of_the_joint_group(x64):

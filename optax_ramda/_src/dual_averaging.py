@@ -11,7 +11,7 @@ from optax._src import base, numerics
 
 from optax_ramda._src import validation
 from optax_ramda._src.schedule import StageSchedule
-from optax_ramda._src.subproblem import DualAverage
+from optax_ramda._src.subproblem import DualAverage, check_stage_input
 
 
 def scalar_dtype() -> jnp.dtype:
@@ -86,6 +86,7 @@ def dual_averaging(
     )
 
   def update_fn(updates, state, params=None):
+    check_stage_input("dual_averaging", updates, None)
     if params is None:
       raise ValueError(base.NO_PARAMS_MSG)
     dt = scalar_dtype()

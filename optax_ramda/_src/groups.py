@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import jax
@@ -210,7 +210,8 @@ def resolve(
     s_flat, s_def = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec_leaf)
     if s_def != p_def:
       raise ValueError(_mismatch_message(
-          [path for path, _ in p_leaves], [path for path, _ in s_flat], p_def, s_def
+          [path for path, _ in p_leaves], [path for path, _ in s_flat], p_def, s_def,
+          masked={path for path, p in p_leaves if isinstance(p, MaskedNode)},
       ))
     s_leaves = [s for _, s in s_flat]
   out = []
@@ -235,8 +236,13 @@ def _mismatch_message(
     s_paths: Sequence[tuple[Any, ...]],
     p_def: Any,
     s_def: Any,
+    masked: Collection[tuple[Any, ...]] = (),
 ) -> str:
-  """Why a spec tree does not match the params, naming the first bad path."""
+  """Why a spec tree does not match the params, naming the first bad path.
+
+  ``masked``: the params' paths that hold an ``optax.MaskedNode`` (leaves that
+  ``optax.masked`` or ``optax.partition`` keep from this optimizer).
+  """
   keystr = jax.tree_util.keystr
   head = "the group spec tree does not match the params tree: "
   rule = (
@@ -273,6 +279,13 @@ def _mismatch_message(
             f"leaf, e.g. jax.tree.map(lambda _: spec, params{keystr(top)}). " + rule
         )
       missing = [keystr(q) for q in p_paths if q not in s_set]
+      if path in masked:
+        return (
+            f"{head}parameter {keystr(path)} has no entry in the spec{more(missing)}. "
+            f"It is masked out here (optax.masked or optax.partition hands this "
+            f"optimizer an optax.MaskedNode at {keystr(path)}), but the spec still "
+            f"follows the whole params tree: give {keystr(path)} None. " + rule
+        )
       return (
           f"{head}parameter {keystr(path)} has no entry in the spec{more(missing)}. "
           f"Add an entry for {keystr(path)}: a GroupSpec, or None to leave it "

@@ -10,6 +10,7 @@ from optax._src import base, numerics
 
 from optax_ramda._src import validation
 from optax_ramda._src.schedule import StageSchedule
+from optax_ramda._src.subproblem import NewPoint, check_stage_input
 
 
 class InterpolateState(NamedTuple):
@@ -21,7 +22,7 @@ def interpolate(
 ) -> base.GradientTransformation:
   r"""``x <- (1 - c) x + c z``, returned as the update ``x_new - x``.
 
-  Takes the new point ``z`` of :func:`solve_subproblem`. ``c`` is
+  Takes the :class:`NewPoint` ``z`` of :func:`solve_subproblem`. ``c`` is
   ``momentum``, ramped in the schedule's last stage (ALGORITHMS.md §7). With
   ``c == 1`` the new params are exactly ``z`` (IEEE: ``0 * x + 1 * z``), and a
   zero group of ``z`` lands as exact zeros after ``optax.apply_updates``
@@ -39,7 +40,8 @@ def interpolate(
     del params
     return InterpolateState(jnp.zeros([], jnp.int32))
 
-  def update_fn(z, state, params=None):
+  def update_fn(new_point: NewPoint, state, params=None):
+    check_stage_input("interpolate", new_point, NewPoint)
     if params is None:
       raise ValueError(base.NO_PARAMS_MSG)
     c = schedule.momentum(jnp.asarray(momentum, jnp.result_type(float)), state.count)
@@ -49,7 +51,7 @@ def interpolate(
       new = ((1 - cc) * x.astype(zz.dtype) + cc * zz).astype(x.dtype)
       return new - x
 
-    updates = jax.tree.map(step, z, params)
+    updates = jax.tree.map(step, new_point.z, params)
     return updates, InterpolateState(numerics.safe_increment(state.count))
 
   return base.GradientTransformation(init_fn, update_fn)

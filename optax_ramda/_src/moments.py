@@ -16,7 +16,7 @@ from optax._src import base, numerics
 from optax_ramda._src import validation
 from optax_ramda._src.dual_averaging import scalar_dtype
 from optax_ramda._src.schedule import StageSchedule
-from optax_ramda._src.subproblem import Subproblem
+from optax_ramda._src.subproblem import Subproblem, check_stage_input
 
 
 def _learning_rate(learning_rate, schedule: StageSchedule, t: jax.Array) -> jax.Array:
@@ -75,6 +75,7 @@ def adam_subproblem(
     )
 
   def update_fn(updates, state, params=None):
+    check_stage_input("adam_subproblem", updates, None)
     if params is None:
       raise ValueError(base.NO_PARAMS_MSG)
     t = state.count
@@ -166,6 +167,7 @@ def sgd_subproblem(
     )
 
   def update_fn(updates, state, params=None):
+    check_stage_input("sgd_subproblem", updates, None)
     if params is None:
       raise ValueError(base.NO_PARAMS_MSG)
     t = state.count

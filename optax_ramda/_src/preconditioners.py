@@ -11,7 +11,7 @@ from optax._src import base
 
 from optax_ramda._src import validation
 from optax_ramda._src.schedule import StageSchedule
-from optax_ramda._src.subproblem import DualAverage, Subproblem
+from optax_ramda._src.subproblem import DualAverage, Subproblem, check_stage_input
 
 # Per working dtype: unsigned int of the same width, the bias of the bit-level
 # first guess (FreeBSD's s_cbrtf.c / s_cbrt.c ``B1``, for float64 in the high
@@ -123,6 +123,7 @@ def cube_root_metric(
     return CubeRootMetricState(optax.tree.zeros_like(params, dtype=acc))
 
   def update_fn(da: DualAverage, state, params=None):
+    check_stage_input("cube_root_metric", da, DualAverage)
     if params is None:
       raise ValueError(base.NO_PARAMS_MSG)
     s = da.weight
@@ -159,6 +160,7 @@ def sqrt_count_metric() -> base.GradientTransformation:
     return base.EmptyState()
 
   def update_fn(da: DualAverage, state, params=None):
+    check_stage_input("sqrt_count_metric", da, DualAverage)
     if params is None:
       raise ValueError(base.NO_PARAMS_MSG)
     metric = jax.tree.map(lambda _: da.beta, da.centre)

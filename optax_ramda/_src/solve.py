@@ -12,7 +12,7 @@ from optax._src import base
 from optax_ramda._src import nuclear, solvers, tied, validation
 from optax_ramda._src.groups import UNREGULARIZED, GroupLeaf
 from optax_ramda._src.regularizers import Regularizer
-from optax_ramda._src.subproblem import Subproblem
+from optax_ramda._src.subproblem import NewPoint, Subproblem, check_stage_input
 
 
 class SolveState(NamedTuple):
@@ -172,7 +172,7 @@ def solve_subproblem(
     subgradient_tol: base.ScalarOrSchedule | None = None,
     track_residual: bool = False,
 ) -> base.GradientTransformation:
-  r"""Solves the :class:`Subproblem` passed in and outputs ``z`` (not updates).
+  r"""Solves the :class:`Subproblem` passed in and outputs :class:`NewPoint` ``z``.
 
   For each leaf, with threshold ``t = scale * strength * sqrt(|g|)``, the
   minimiser of (ALGORITHMS.md §6)
@@ -206,7 +206,10 @@ def solve_subproblem(
     ``solver="exact"`` with a nuclear norm is an error, because it asks for
     a group solver on a regularizer it does not fit.
 
-  Follow it with :func:`interpolate`, which turns ``z`` into updates.
+  Follow it with :func:`interpolate`, which turns ``z`` into updates. ``z`` is
+  a point, not an update: a chain that ends here returns the
+  :class:`NewPoint`, which ``optax.apply_updates`` refuses (a pytree-structure
+  error naming ``NewPoint``) rather than adding ``z`` to the params.
 
   Stopping rules of the group PG solvers. By default (``subgradient_tol=None``)
   the paper's experiments' rule: relative decrease of ``Q`` below ``rtol``.
@@ -318,6 +321,7 @@ def solve_subproblem(
     )
 
   def update_fn(sub: Subproblem, state, params=None):
+    check_stage_input("solve_subproblem", sub, Subproblem)
     if params is None:
       raise ValueError(base.NO_PARAMS_MSG)
     leaves_tree = leaf_tree(params)
@@ -380,6 +384,6 @@ def solve_subproblem(
     z = treedef.unflatten(unpack(zs))
     its, rels, ress = _diagnostic_vectors(scalars, from_vectors, source, state.residual.dtype)
     new_state = SolveState(its, rels, ress, solve_count=state.solve_count + 1)
-    return z, new_state
+    return NewPoint(z), new_state
 
   return base.GradientTransformation(init_fn, update_fn)

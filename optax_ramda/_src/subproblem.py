@@ -5,12 +5,20 @@ output to look like updates; in between, stages hand each other these
 NamedTuples of pytrees (DESIGN-NOTES "One subproblem, four optimizers"):
 
 * RAMDA: ``dual_averaging`` -> :class:`DualAverage` -> ``cube_root_metric``
-  -> :class:`Subproblem` -> ``solve_subproblem`` -> ``z`` -> ``interpolate``.
+  -> :class:`Subproblem` -> ``solve_subproblem`` -> :class:`NewPoint` ->
+  ``interpolate``.
 * RMDA: the same with ``sqrt_count_metric`` (a scalar metric).
 * ProxGen: ``adam_subproblem`` -> :class:`Subproblem` -> ``solve_subproblem``
-  -> ``z`` -> ``interpolate(1)``.
+  -> :class:`NewPoint` -> ``interpolate(1)``.
 * ProxSGD: ``sgd_subproblem`` -> :class:`Subproblem` -> ``solve_subproblem``
-  -> ``z`` -> ``interpolate(1)``.
+  -> :class:`NewPoint` -> ``interpolate(1)``.
+
+Every stage checks at trace time that it got the right one of these
+(:func:`check_stage_input`), so stages chained by hand in the wrong order
+raise a ValueError that names the order; a chain that ends at
+``solve_subproblem`` returns a :class:`NewPoint`, which
+``optax.apply_updates`` refuses, instead of a point that would be added to
+the params as if it were an update.
 """
 
 from __future__ import annotations
@@ -84,3 +92,71 @@ class Subproblem(NamedTuple):
   warm_start: Any
   linear_scale: jax.Array | None = None
   centre_scale: jax.Array | None = None
+
+
+class NewPoint(NamedTuple):
+  """Output of :func:`solve_subproblem`: the subproblem's solution.
+
+  Not an update: :func:`interpolate` turns it into one
+  (``x <- (1 - c) x + c z``, returned as ``x_new - x``).
+
+  Attributes:
+    z: pytree like the params, the minimiser of the :class:`Subproblem`.
+  """
+
+  z: Any
+
+
+_CHAINS = (
+    "chain the stages in this order: RAMDA optax.chain(dual_averaging(...), "
+    "cube_root_metric(...), solve_subproblem(...), interpolate(...)) (RMDA: "
+    "sqrt_count_metric() for cube_root_metric); ProxGen / ProxSGD "
+    "optax.chain(adam_subproblem(...) or sgd_subproblem(...), "
+    "solve_subproblem(...), interpolate(1.0)); or use the aliases "
+    "optax_ramda.ramda / rmda / prox_adamw / prox_sgd, which build these "
+    "chains"
+)
+
+_PRODUCERS = {
+    DualAverage: "dual_averaging",
+    Subproblem: "cube_root_metric, sqrt_count_metric, adam_subproblem or sgd_subproblem",
+    NewPoint: "solve_subproblem",
+}
+
+
+def _described(value: Any) -> str:
+  for cls, producer in _PRODUCERS.items():
+    if isinstance(value, cls):
+      return f"the {cls.__name__} made by {producer}"
+  return f"a {type(value).__name__} (updates or gradients)"
+
+
+def check_stage_input(stage: str, value: Any, expected: type | None) -> None:
+  """Raises a ValueError naming the right order if a stage got the wrong input.
+
+  Stages chained by hand in the wrong order would otherwise fail deep inside
+  with an ``AttributeError`` or a pytree-structure error, or not at all.
+  Trace-time only (a Python type check): nothing of it is in the compiled
+  update.
+
+  Args:
+    stage: the stage's name, for the message.
+    value: what the stage received as ``updates``.
+    expected: :class:`DualAverage`, :class:`Subproblem` or :class:`NewPoint`
+      for the stages that take one; ``None`` for the first stages, which take
+      gradients (a plain tree like
+      the params), which must not be given a stage's typed output.
+  """
+  if expected is None:
+    wrong = isinstance(value, tuple(_PRODUCERS))
+  else:
+    wrong = not isinstance(value, expected)
+  if wrong:
+    wanted = (
+        f"the {expected.__name__} made by {_PRODUCERS[expected]}"
+        if expected is not None
+        else "a plain tree like the params"
+    )
+    raise ValueError(
+        f"{stage} takes {wanted}, but got {_described(value)}: {_CHAINS}."
+    )
