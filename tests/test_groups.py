@@ -58,6 +58,8 @@ def test_a_masked_leaf_missing_from_the_spec_is_named_as_masked():
         ({"k": GroupSpec((1,))}, {"k": jnp.zeros((3, 4)), "b": jnp.zeros(4)}, ValueError,
          r"does not match the params tree: parameter \['b'\] has no entry"),
         ({"k": GroupSpec(())}, {"k": jnp.zeros(3, jnp.int32)}, TypeError, "floating-point"),
+        ({"k": GroupSpec(())}, {"k": jnp.zeros(3, jnp.complex64)}, TypeError,
+         r"complex64 but is regularized; only real floating-point"),
         ({"k": (1,)}, {"k": jnp.zeros((3, 4))}, ValueError,
          r"parameter \['k'\] is a single array.*\['k'\]\[0\].*GroupSpec\(reduce_axes="),
     ],

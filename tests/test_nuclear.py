@@ -93,6 +93,8 @@ def test_bad_input():
   opt = optax_ramda.ramda(0.1, 1e-3, optax_ramda.nuclear_norm({"w": NuclearSpec()}))
   with pytest.raises(ValueError, match="2-D"):
     opt.init({"w": jnp.ones(4)})
+  with pytest.raises(TypeError, match="complex64 but is regularized; only real"):
+    optax_ramda.nuclear_norm({"w": NuclearSpec()}).value({"w": jnp.ones((2, 3), jnp.complex64)})
 
 
 def _numpy_nuclear_pg(x0, v, p, t, warm, rtol, max_iters, min_iters=2):

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import optax_ramda
 from optax_ramda import GroupSpec
@@ -14,6 +15,17 @@ def test_group_lasso_value():
   expected = np.sqrt(4) * np.linalg.norm(x, axis=1).sum()
   value = reg.value({"w": jnp.asarray(x), "b": jnp.ones(3)})
   np.testing.assert_allclose(value, expected, rtol=1e-6)
+
+
+def test_regularized_complex_leaves_are_refused():
+  """psi is defined on real params (x * x is not |x|^2 for complex x): a regularized
+  complex leaf is a TypeError naming it, unregularized ones are left alone."""
+  reg = optax_ramda.group_lasso({"w": GroupSpec((1,)), "b": None})
+  with pytest.raises(TypeError, match=r"\['w'\] has dtype complex64 but is regularized"):
+    reg.value({"w": jnp.ones((3, 4), jnp.complex64), "b": jnp.ones(3)})
+  with pytest.raises(TypeError, match=r"\['w'\] has dtype complex64 but is regularized"):
+    optax_ramda.l1().prox({"w": jnp.ones((3, 4), jnp.complex64)}, 0.1)
+  assert float(reg.value({"w": jnp.ones((3, 4)), "b": jnp.ones(3, jnp.complex64)})) == 12.0
 
 
 def test_group_lasso_prox_is_block_soft_threshold():

@@ -158,11 +158,11 @@ def group_leaf(spec: GroupSpec, leaf: Any, path: str) -> GroupLeaf:
   """The static :class:`GroupLeaf` of one leaf (checked)."""
   shape = tuple(jnp.shape(leaf))
   dtype = jnp.result_type(leaf)
-  if not jnp.issubdtype(dtype, jnp.inexact):
+  if not jnp.issubdtype(dtype, jnp.floating):  # not int, bool or complex
     raise TypeError(
-        f"parameter {path} has dtype {dtype} but is regularized; only "
+        f"parameter {path} has dtype {dtype} but is regularized; only real "
         "floating-point parameters can be regularized. Give it None in the "
-        "group spec (or cast it to a float dtype)."
+        "group spec (or cast it to a real float dtype)."
     )
   axes = normalize_axes(spec.reduce_axes, len(shape), path)
   size = math.prod(shape[a] for a in axes)

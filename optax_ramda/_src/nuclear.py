@@ -109,10 +109,10 @@ def nuclear_leaf(
     spec: NuclearSpec, leaf: Any, path: str, rtol: float, max_iters: int, min_iters: int
 ) -> NuclearLeaf:
   shape = tuple(jnp.shape(leaf))
-  if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+  if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):  # not int, bool or complex
     raise TypeError(
         f"parameter {path} has dtype {jnp.result_type(leaf)} but is regularized; only "
-        "floating-point parameters can be. Give it None in the spec."
+        "real floating-point parameters can be. Give it None in the spec."
     )
   if spec.split is None:
     if len(shape) != 2:
