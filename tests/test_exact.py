@@ -33,6 +33,18 @@ def test_equal_metric_is_block_soft_threshold_in_zero_steps():
     assert int(sol.iterations) <= 1
 
 
+def test_infinite_threshold_zeroes_every_group_with_a_zero_residual():
+  """t = inf (exact_solve called directly): z = 0 and the residual is 0, not inf * 0."""
+  x0 = np.ones((3, 4))
+  leaf = group_leaf(GroupSpec((1,)), x0, "x")
+  for dtype in (jnp.float32, jnp.float64):
+    with jax.enable_x64(dtype == jnp.float64):
+      for t in (1e30, np.inf):
+        sol = exact.exact_solve([leaf], [_prob(x0, 0.1 * x0, 2 * x0, t, dtype)])[0]
+        np.testing.assert_array_equal(np.asarray(sol.z), 0)
+        assert float(sol.residual) == 0.0 and int(sol.iterations) == 0, (dtype, t)
+
+
 def test_spread_metric_iterations_and_boundary():
   # Metrics spanning 1e-8..1e8 in one group; thresholds just above the
   # screening boundary (root near 0): finite, nonzero, tiny, optimal.

@@ -302,7 +302,9 @@ def exact_solve_vectors(
   zs: list[Any] = [None] * len(problems)
   its, ress, order = [], [], []
   for idx, t, (z, it, sec) in done:
-    ress.append(jnp.sqrt(jnp.sum(jnp.square(t * sec), axis=tuple(range(1, sec.ndim)))))
+    # A group the screen zeroed has sec == 0 exactly: its term is 0 even for t = inf.
+    term = jnp.where(sec == 0, 0, t * sec)
+    ress.append(jnp.sqrt(jnp.sum(jnp.square(term), axis=tuple(range(1, sec.ndim)))))
     its.append(jnp.max(it.reshape(len(idx), -1), axis=1, initial=0).astype(jnp.int32))
     order.extend(idx)
     for j, i in enumerate(idx):
