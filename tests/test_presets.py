@@ -235,3 +235,37 @@ def test_from_params_linen_head_ties():
   mod = "MultiHeadDotProductAttention_0"
   assert {ties[f"{mod}/{p}/kernel"] for p in ("query", "key", "value", "out")} == {mod}
   assert ties["Dense_0/kernel"] is None
+
+
+def test_an_override_that_matches_no_path_warns_at_init():
+  """A typo in an override pattern would leave the layer regularized without a word:
+  the optimizer warns when it first sees the params; matched patterns (masked-out
+  leaves included) do not warn."""
+  import warnings
+
+  model = Net(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  typo = presets.from_nnx(model, overrides={"fcc/kernel": None})  # no warning yet
+  opt = optax_ramda.ramda(0.1, 1e-3, typo)
+  with pytest.warns(UserWarning, match=r"pattern 'fcc/kernel' matches no parameter path"):
+    opt.init(params)
+  with pytest.warns(UserWarning, match="'fcc/kernel'"):
+    assert axes_by_path(typo, params)["fc/kernel"] == (1,)  # the typo changed nothing
+  # from_params: the same at init, not at construction (the tree the optimizer sees
+  # may carry a prefix the construction tree lacks).
+  tree = {"params": {"fc": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    reg = presets.from_params(tree["params"], overrides={"params/fc/kernel": None})
+  with pytest.warns(UserWarning, match=r"'params/fc/kernel' matches no parameter path"):
+    optax_ramda.ramda(0.1, 1e-3, reg).init(tree["params"])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    optax_ramda.ramda(0.1, 1e-3, reg).init(tree)  # the prefixed tree: matched
+    # Matched patterns, and a pattern naming a leaf optax.masked keeps out, are silent.
+    ok = presets.from_nnx(model, overrides={"fc/kernel": None, "conv/*": None})
+    optax_ramda.ramda(0.1, 1e-3, ok).init(params)
+    masked_out = presets.from_nnx(model, overrides={"fc/kernel": None})
+    mask = jax.tree.map(lambda _: True, params)
+    mask["fc"]["kernel"] = False
+    optax.masked(optax_ramda.ramda(0.1, 1e-3, masked_out), mask).init(params)

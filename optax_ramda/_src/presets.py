@@ -46,11 +46,13 @@ GroupSpec((0, 2)), ...}``.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_ramda._src.groups import GroupSpec
@@ -116,6 +118,10 @@ class _Classifier:
             f"override {pattern!r}: expected a GroupSpec, None or 'default', got {value!r}."
         )
 
+  def unmatched(self, paths: list[str]) -> list[str]:
+    """The override patterns that match none of ``paths``."""
+    return [p for p in self.overrides if not any(fnmatch.fnmatchcase(q, p) for q in paths)]
+
   def _override(self, path: str) -> tuple[bool, Override]:
     for pattern, value in self.overrides.items():
       if fnmatch.fnmatchcase(path, pattern) and value != "default":
@@ -160,7 +166,10 @@ def _spec_fn(
 ):
   """``params -> spec tree``; ``shapes`` (path names -> global shape) arms the shard check."""
 
-  def spec(params: Any) -> Any:
+  def spec(params: Any, warn_unmatched: bool = True) -> Any:
+    if warn_unmatched:
+      _warn_unmatched(classify, params)
+
     def one(path, leaf):
       names = path_names(path)
       shape = tuple(np.shape(leaf))
@@ -172,6 +181,32 @@ def _spec_fn(
     return _split_kv_ties(jax.tree_util.tree_map_with_path(one, params), params)
 
   return spec
+
+
+def _warn_unmatched(classify: Any, params: Any) -> None:
+  """Warns about override patterns that match no path of ``params`` (typos).
+
+  Not an error: the tree the optimizer sees may legitimately lack a path the
+  overrides name (one preset shared by models). Masked-out leaves
+  (``optax.masked``/``partition``) count as paths.
+  """
+  unmatched = getattr(classify, "unmatched", None)
+  if unmatched is None:
+    return
+  flat = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+  )[0]
+  paths = ["/".join(path_names(path)) for path, _ in flat]
+  for pattern in unmatched(paths):
+    examples = ", ".join(repr(p) for p in paths[:3])
+    warnings.warn(
+        f"optax_ramda.presets: override pattern {pattern!r} matches no parameter path "
+        f"of the tree the optimizer sees (paths such as {examples}), so it changes "
+        "nothing. Check its spelling, and whether the paths start with a prefix such "
+        "as 'params/'.",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def _global_shapes(params: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -303,7 +338,9 @@ def from_params(
     overrides: ``{pattern: GroupSpec | None | "default"}``; ``pattern`` is an
       ``fnmatch`` pattern on the ``/``-joined path of the tree the
       optimizer sees, e.g. ``"Dense_0/kernel"``, ``"*/bias"``,
-      ``"params/head/*"``. The first matching pattern wins.
+      ``"params/head/*"``. The first matching pattern wins. A pattern that
+      matches no path of the tree the optimizer sees (a typo) gives a
+      ``UserWarning`` when the optimizer first sees the params.
 
   Example::
 
@@ -313,7 +350,7 @@ def from_params(
   """
   classify = _Classifier(dense, conv, attention, overrides)
   reg = GroupLasso(_spec_fn(classify, lambda names: None, _global_shapes(params)))
-  reg.groups(params)  # raises now, naming the path, for anything unknown
+  reg.groups(params, warn_unmatched=False)  # raises now, naming the path, for anything unknown
   return reg
 
 
@@ -354,6 +391,7 @@ def from_nnx(
     attention: ``"head"``, ``"input"`` or None.
     overrides: ``{pattern: GroupSpec | None | "default"}`` on ``/``-joined
       paths such as ``"fc1/kernel"``, ``"blocks/*/bias"``; first match wins.
+      A pattern that matches no path gives a ``UserWarning`` at ``init``.
 
   Example::
 
@@ -377,7 +415,7 @@ def from_nnx(
 
   state = nnx.state(model, nnx.Param)
   reg = GroupLasso(_spec_fn(classify, module_of, _global_shapes(state)))
-  reg.groups(state)  # raises now, naming the path
+  reg.groups(state, warn_unmatched=False)  # raises now, naming the path
   return reg
 
 
