@@ -1,5 +1,7 @@
 """Group specs resolved against params (ALGORITHMS.md §1, §9)."""
 
+import chex
+import jax
 import jax.numpy as jnp
 import optax
 import pytest
@@ -48,6 +50,38 @@ def test_a_masked_leaf_missing_from_the_spec_is_named_as_masked():
   )
   updates, _ = fixed.update(params, fixed.init(params), params)
   assert (updates["b"] == params["b"]).all()  # masked out: the gradient passes unchanged
+
+
+def test_a_prefix_mask_takes_the_whole_spec_tree():
+  """optax.masked / optax.partition with a prefix mask hand the optimizer one MaskedNode for
+  a whole subtree; the spec of the whole params tree still works, with the same updates as
+  a per-leaf mask."""
+  params = {"enc": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)},
+            "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)}}
+  spec = {"enc": {"kernel": GroupSpec((1,)), "bias": None},
+          "head": {"kernel": GroupSpec((1,)), "bias": None}}
+  grads = jax.tree.map(lambda x: 0.1 * x, params)
+  per_leaf = {"enc": {"kernel": False, "bias": False}, "head": {"kernel": True, "bias": True}}
+  runs = {}
+  for name, mask in (("per_leaf", per_leaf), ("prefix", {"enc": False, "head": True})):
+    tx = optax.masked(optax_ramda.ramda(0.1, 0.3, optax_ramda.group_lasso(spec)), mask)
+    runs[name], _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  chex.assert_trees_all_equal(runs["prefix"], runs["per_leaf"])
+  assert float(jnp.abs(runs["prefix"]["head"]["kernel"]).max()) > 0
+  tx = optax.partition(
+      {"sparse": optax_ramda.ramda(0.1, 0.3, optax_ramda.group_lasso(spec)),
+       "plain": optax.sgd(0.1)},
+      {"enc": "plain", "head": "sparse"},
+  )
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  chex.assert_trees_all_equal(updates["head"], runs["per_leaf"]["head"])
+  # None over the masked subtree works too; a bare tuple under it is still not a spec
+  # where the params hold an array.
+  groups.resolve({"enc": None, "head": spec["head"]},
+                 {"enc": optax.MaskedNode(), "head": params["head"]})
+  with pytest.raises(ValueError, match=r"\['head'\]\['kernel'\] is a single array"):
+    groups.resolve({"enc": spec["enc"], "head": {"kernel": (1,), "bias": None}},
+                   {"enc": optax.MaskedNode(), "head": params["head"]})
 
 
 @pytest.mark.parametrize(

@@ -245,7 +245,9 @@ def test_an_override_that_matches_no_path_warns_at_init():
 
   model = Net(nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
-  typo = presets.from_nnx(model, overrides={"fcc/kernel": None})  # no warning yet
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    typo = presets.from_nnx(model, overrides={"fcc/kernel": None})  # no warning yet
   opt = optax_ramda.ramda(0.1, 1e-3, typo)
   with pytest.warns(UserWarning, match=r"pattern 'fcc/kernel' matches no parameter path"):
     opt.init(params)
@@ -269,3 +271,38 @@ def test_an_override_that_matches_no_path_warns_at_init():
     mask = jax.tree.map(lambda _: True, params)
     mask["fc"]["kernel"] = False
     optax.masked(optax_ramda.ramda(0.1, 1e-3, masked_out), mask).init(params)
+
+
+def test_an_override_the_preset_needs_does_not_warn_where_the_optimizer_skips_it():
+  """A leaf the preset cannot classify needs an override even if this optimizer never sees
+  it (optax.partition with prefix labels, a prefix mask): no 'typo' warning for it."""
+  import warnings
+
+  params = {
+      "generator": {"Dense_0": {"kernel": jnp.ones((4, 8)), "bias": jnp.zeros(8)}},
+      "discriminator": {"Dense_0": {"kernel": jnp.ones((8, 1)), "bias": jnp.zeros(1)},
+                        "PReLU_0": {"alpha": jnp.ones(())}},
+  }
+  with pytest.raises(ValueError, match="cannot classify parameter discriminator/PReLU_0/alpha"):
+    presets.from_params(params)
+  reg = presets.from_params(params, overrides={"discriminator/PReLU_0/alpha": None})
+  grads = jax.tree.map(jnp.ones_like, params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tx = optax.partition(
+        {"sparse": optax_ramda.ramda(0.01, 1e-3, reg), "plain": optax.adam(1e-3)},
+        {"generator": "sparse", "discriminator": "plain"},
+    )
+    state = tx.init(params)
+    jax.jit(tx.update)(grads, state, params)
+    # A preset built from the generator alone, the override naming a path under the
+    # prefix mask's MaskedNode: no warning either.
+    gen_only = presets.from_params(
+        {"generator": params["generator"]}, overrides={"discriminator/*/alpha": None}
+    )
+    tx = optax.masked(optax_ramda.ramda(0.01, 1e-3, gen_only),
+                      {"generator": True, "discriminator": False})
+    tx.init({"generator": params["generator"], "discriminator": params["discriminator"]})
+  # The same preset on a tree where the pattern matches nothing does warn.
+  with pytest.warns(UserWarning, match="'discriminator/\\*/alpha' matches no parameter path"):
+    optax_ramda.ramda(0.01, 1e-3, gen_only).init({"generator": params["generator"]})

@@ -279,7 +279,7 @@ def test_a_chain_that_stops_at_the_solve_does_not_pass_z_as_updates():
 
 
 def test_the_right_orders_pass_the_checks():
-  """The aliases' orders (and the stages one by one) are accepted."""
+  """The four orders the aliases use are accepted, under jit."""
   params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
   reg = optax_ramda.group_lasso({"w": GroupSpec((1,)), "b": None})
   for first in (["dual_averaging", "cube_root_metric"], ["dual_averaging", "sqrt_count_metric"],

@@ -197,7 +197,7 @@ def resolve(
   Raises:
     ValueError: the spec tree does not match the params, or an axis is out of
       range.
-    TypeError: an integer leaf is regularized.
+    TypeError: an integer, boolean or complex leaf is regularized.
   """
   if make_leaf is None:
     make_leaf = _default_make_leaf
@@ -208,12 +208,15 @@ def resolve(
     s_leaves = [tree] * len(p_leaves)
   else:
     s_flat, s_def = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec_leaf)
-    if s_def != p_def:
-      raise ValueError(_mismatch_message(
-          [path for path, _ in p_leaves], [path for path, _ in s_flat], p_def, s_def,
-          masked={path for path, p in p_leaves if isinstance(p, MaskedNode)},
-      ))
-    s_leaves = [s for _, s in s_flat]
+    if s_def == p_def:
+      s_leaves = [s for _, s in s_flat]
+    else:
+      s_leaves = _entries_over_masked_subtrees(p_leaves, p_def, tree)
+      if s_leaves is None:
+        raise ValueError(_mismatch_message(
+            [path for path, _ in p_leaves], [path for path, _ in s_flat], p_def, s_def,
+            masked={path for path, p in p_leaves if isinstance(p, MaskedNode)},
+        ))
   out = []
   for (path, p), s in zip(p_leaves, s_leaves):
     name = jax.tree_util.keystr(path)
@@ -229,6 +232,34 @@ def resolve(
 
   tied.check_ties([jax.tree_util.keystr(path) for path, _ in p_leaves], out)
   return jax.tree_util.tree_unflatten(p_def, out)
+
+
+def _is_single_entry(s: Any) -> bool:
+  return _is_spec_leaf(s) or not isinstance(s, (list, tuple, dict))
+
+
+def _entries_over_masked_subtrees(
+    p_leaves: Sequence[tuple[Any, Any]], p_def: Any, tree: Any
+) -> list[Any] | None:
+  """The spec entry of each params leaf when a ``MaskedNode`` covers a subtree.
+
+  ``optax.masked`` / ``optax.partition`` with a prefix mask (``{"enc": False,
+  ...}``) hand the optimizer one ``MaskedNode`` for a whole subtree, while the
+  spec follows the whole params tree. The params' structure is then a prefix
+  of the spec's: each ``MaskedNode`` takes whatever spec subtree is there, and
+  every other leaf must still have a single entry. ``None`` if that is not the
+  case (the caller then explains the mismatch).
+  """
+  if not any(isinstance(p, MaskedNode) for _, p in p_leaves):
+    return None
+  try:
+    entries = p_def.flatten_up_to(tree)
+  except (ValueError, TypeError):
+    return None
+  for (_, p), s in zip(p_leaves, entries):
+    if not isinstance(p, MaskedNode) and not _is_single_entry(s):
+      return None
+  return entries
 
 
 def _mismatch_message(
@@ -261,9 +292,14 @@ def _mismatch_message(
     listed = ", ".join(items[1:4]) + (", ..." if len(items) > 4 else "")
     return f" (and {len(items) - 1} more: {listed})"
 
+  def under_masked(q: tuple[Any, ...]) -> bool:
+    return any(len(q) > len(m) and q[: len(m)] == m for m in masked)
+
   for path in p_paths:
     if path not in s_set:
       nested = below(path, s_paths)
+      if nested and path in masked:
+        continue  # a prefix mask: any spec subtree may lie under a MaskedNode
       if nested:
         return (
             f"{head}parameter {keystr(path)} is a single array, but the spec has a "
@@ -283,15 +319,15 @@ def _mismatch_message(
         return (
             f"{head}parameter {keystr(path)} has no entry in the spec{more(missing)}. "
             f"It is masked out here (optax.masked or optax.partition hands this "
-            f"optimizer an optax.MaskedNode at {keystr(path)}), but the spec still "
-            f"follows the whole params tree: give {keystr(path)} None. " + rule
+            f"optimizer an optax.MaskedNode at {keystr(path)}), but the spec must "
+            f"still follow the whole params tree: give {keystr(path)} None. " + rule
         )
       return (
           f"{head}parameter {keystr(path)} has no entry in the spec{more(missing)}. "
           f"Add an entry for {keystr(path)}: a GroupSpec, or None to leave it "
           "unregularized (True/False in an l1 mask). " + rule
       )
-  extra = [keystr(q) for q in s_paths if q not in p_set]
+  extra = [keystr(q) for q in s_paths if q not in p_set and not under_masked(q)]
   if extra:
     return (
         f"{head}the spec has an entry at {extra[0]}, which is not a parameter"

@@ -166,9 +166,11 @@ def _spec_fn(
 ):
   """``params -> spec tree``; ``shapes`` (path names -> global shape) arms the shard check."""
 
+  built_from = ["/".join(names) for names in shapes or {}]
+
   def spec(params: Any, warn_unmatched: bool = True) -> Any:
     if warn_unmatched:
-      _warn_unmatched(classify, params)
+      _warn_unmatched(classify, params, built_from)
 
     def one(path, leaf):
       names = path_names(path)
@@ -183,12 +185,15 @@ def _spec_fn(
   return spec
 
 
-def _warn_unmatched(classify: Any, params: Any) -> None:
-  """Warns about override patterns that match no path of ``params`` (typos).
+def _warn_unmatched(classify: Any, params: Any, built_from: list[str]) -> None:
+  """Warns about override patterns that match no parameter path (typos).
 
-  Not an error: the tree the optimizer sees may legitimately lack a path the
-  overrides name (one preset shared by models). Masked-out leaves
-  (``optax.masked``/``partition``) count as paths.
+  A pattern counts as used if it matches a path of the tree the preset was
+  built from (``built_from``: it may name a leaf the preset needs an override
+  for, which this optimizer does not see, e.g. under ``optax.partition`` or
+  ``nnx.Optimizer(wrt=...)``), a path of ``params``, or a path under an
+  ``optax.MaskedNode`` of ``params`` (a prefix mask covers a whole subtree).
+  Not an error: one preset may be shared by models that lack some layers.
   """
   unmatched = getattr(classify, "unmatched", None)
   if unmatched is None:
@@ -197,16 +202,24 @@ def _warn_unmatched(classify: Any, params: Any) -> None:
       params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
   )[0]
   paths = ["/".join(path_names(path)) for path, _ in flat]
-  for pattern in unmatched(paths):
+  masked = [p for p, (_, leaf) in zip(paths, flat) if isinstance(leaf, optax.MaskedNode)]
+  for pattern in unmatched(paths + built_from):
+    if any(_may_lie_under(pattern, m) for m in masked):
+      continue
     examples = ", ".join(repr(p) for p in paths[:3])
     warnings.warn(
         f"optax_ramda.presets: override pattern {pattern!r} matches no parameter path "
-        f"of the tree the optimizer sees (paths such as {examples}), so it changes "
-        "nothing. Check its spelling, and whether the paths start with a prefix such "
-        "as 'params/'.",
+        f"(paths such as {examples}), so it changes nothing. Check its spelling, and "
+        "whether the paths start with a prefix such as 'params/'.",
         UserWarning,
         stacklevel=2,
     )
+
+
+def _may_lie_under(pattern: str, prefix: str) -> bool:
+  """Whether ``pattern`` can match a path below ``prefix`` (component-wise)."""
+  k = prefix.count("/") + 1
+  return fnmatch.fnmatchcase(prefix, "/".join(pattern.split("/")[:k]))
 
 
 def _global_shapes(params: Any) -> dict[tuple[str, ...], tuple[int, ...]]:

@@ -208,8 +208,8 @@ def solve_subproblem(
 
   Follow it with :func:`interpolate`, which turns ``z`` into updates. ``z`` is
   a point, not an update: a chain that ends here returns the
-  :class:`NewPoint`, which ``optax.apply_updates`` refuses (a pytree-structure
-  error naming ``NewPoint``) rather than adding ``z`` to the params.
+  :class:`NewPoint`, which ``optax.apply_updates`` refuses (with an error
+  naming ``NewPoint``) rather than adding ``z`` to the params.
 
   Stopping rules of the group PG solvers. By default (``subgradient_tol=None``)
   the paper's experiments' rule: relative decrease of ``Q`` below ``rtol``.
