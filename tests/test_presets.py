@@ -306,3 +306,37 @@ def test_an_override_the_preset_needs_does_not_warn_where_the_optimizer_skips_it
   # The same preset on a tree where the pattern matches nothing does warn.
   with pytest.warns(UserWarning, match="'discriminator/\\*/alpha' matches no parameter path"):
     optax_ramda.ramda(0.01, 1e-3, gen_only).init({"generator": params["generator"]})
+
+
+def test_no_override_warning_when_nnx_optimizer_trains_part_of_the_model():
+  """nnx.Optimizer(wrt=...) narrowed to the head: the override the preset needs for a custom
+  layer in the body (which this optimizer never sees) is not called a typo."""
+  import warnings
+
+  class Gate(nnx.Module):
+    def __init__(self, n):
+      self.gate = nnx.Param(jnp.ones((n,)))
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.fc = nnx.Linear(8, 8, rngs=rngs)
+      self.g = Gate(8)
+      self.head = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(self.fc(x) * self.g.gate)
+
+  model = Model(nnx.Rngs(0))
+  with pytest.raises(ValueError, match="cannot classify parameter g/gate"):
+    presets.from_nnx(model)
+  reg = presets.from_nnx(model, overrides={"g/gate": None})
+  wrt = nnx.All(nnx.Param, nnx.PathContains("head"))
+  before = np.asarray(model.fc.kernel[...]).copy()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    opt = nnx.Optimizer(model, optax_ramda.ramda(0.01, 1e-3, reg), wrt=wrt)
+    grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((3, 8))) ** 2),
+                     argnums=nnx.DiffState(0, wrt))(model)
+    opt.update(model, grads)
+  assert not [w for w in caught if "optax_ramda.presets" in str(w.message)]
+  np.testing.assert_array_equal(np.asarray(model.fc.kernel[...]), before)  # only the head moved
