@@ -224,7 +224,7 @@ def resolve(
       out.append(p)
     elif s is None or isinstance(s, MaskedNode):
       out.append(UNREGULARIZED)
-    elif isinstance(s, GroupSpec) or not isinstance(s, (list, tuple, dict)):
+    elif _is_single_entry(s):
       out.append(make_leaf(s, p, name))
     else:
       raise TypeError(f"unexpected group spec {s!r} for parameter {name}.")

@@ -160,7 +160,7 @@ class _Classifier:
 
 
 def _spec_fn(
-    classify: Callable[..., Any],
+    classify: _Classifier,
     module_of: Callable[[tuple[str, ...]], str | None],
     shapes: Mapping[tuple[str, ...], tuple[int, ...]] | None = None,
 ):
@@ -185,7 +185,7 @@ def _spec_fn(
   return spec
 
 
-def _warn_unmatched(classify: Any, params: Any, built_from: list[str]) -> None:
+def _warn_unmatched(classify: _Classifier, params: Any, built_from: list[str]) -> None:
   """Warns about override patterns that match no parameter path (typos).
 
   A pattern counts as used if it matches a path of the tree the preset was
@@ -195,15 +195,12 @@ def _warn_unmatched(classify: Any, params: Any, built_from: list[str]) -> None:
   ``optax.MaskedNode`` of ``params`` (a prefix mask covers a whole subtree).
   Not an error: one preset may be shared by models that lack some layers.
   """
-  unmatched = getattr(classify, "unmatched", None)
-  if unmatched is None:
-    return
   flat = jax.tree_util.tree_flatten_with_path(
       params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
   )[0]
   paths = ["/".join(path_names(path)) for path, _ in flat]
   masked = [p for p, (_, leaf) in zip(paths, flat) if isinstance(leaf, optax.MaskedNode)]
-  for pattern in unmatched(paths + built_from):
+  for pattern in classify.unmatched(paths + built_from):
     if any(_may_lie_under(pattern, m) for m in masked):
       continue
     examples = ", ".join(repr(p) for p in paths[:3])

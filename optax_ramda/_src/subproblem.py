@@ -144,8 +144,8 @@ def check_stage_input(stage: str, value: Any, expected: type | None) -> None:
     value: what the stage received as ``updates``.
     expected: :class:`DualAverage`, :class:`Subproblem` or :class:`NewPoint`
       for the stages that take one; ``None`` for the first stages, which take
-      gradients (a plain tree like
-      the params), which must not be given a stage's typed output.
+      gradients (a plain tree like the params) and must not be given a
+      stage's typed output.
   """
   if expected is None:
     wrong = isinstance(value, tuple(_PRODUCERS))
