@@ -159,6 +159,42 @@ def test_no_zero_groups_is_unchanged_bitwise():
   assert bool(jnp.all(small(x) == m(x)))
 
 
+@pytest.mark.parametrize("dead", ["consumer rows", "producer columns", "mixed"])
+def test_a_layer_whose_channels_are_all_zero_keeps_one(dead):
+  # At a high strength a whole hidden layer can come out zero; compact used to crash
+  # (argmax of an empty sequence) on the then zero-wide layer. One channel is kept, as
+  # attention keeps one head, and the function is unchanged.
+  with jax.enable_x64(True):
+    m = _mlp(bn=False)
+    x = _x((32, 6))
+    if dead in ("consumer rows", "mixed"):
+      _zero(m.layers[4].kernel, (slice(0, 7), slice(None)) if dead == "mixed" else ...)
+    if dead in ("producer columns", "mixed"):
+      cols = slice(7, None) if dead == "mixed" else ...
+      _zero(m.layers[2].kernel, (slice(None), cols))
+      # relu(bias) of the dead columns: some zero, some folded into the last layer's bias
+      m.layers[2].bias.set_value(m.layers[2].bias[...].at[cols].set(0.0).at[-1].set(0.4))
+    small = optax_ramda.compact(m, x)
+    # (with every column of layers/2 zero, its input rows are zero too, and layers/0 is
+    # cut down to one channel as well)
+    assert small.layers[2].kernel.shape[1] == 1 and small.layers[4].kernel.shape == (1, 3)
+    _close(small(x), m(x), F64_TOL)
+    (b,) = [b for b in optax_ramda.compaction_plan(m, x) if b.producer == "layers/2"]
+    assert (b.channels, b.kept) == (10, 1) and "channel" in b.note and "kept" in b.note
+    assert _params_equal(small, optax_ramda.compact(small, x))
+
+
+def test_refuses_lora_linear_naming_the_layer():
+  # LoRALinear is an nnx.Linear with extra weights; slicing only its kernel made the
+  # compacted model fail with a shape error inside its __call__.
+  r = nnx.Rngs(0)
+  m = nnx.Sequential(nnx.Linear(6, 8, rngs=r), nnx.relu, nnx.LoRALinear(8, 3, lora_rank=2, rngs=r))
+  _zero(m.layers[2].kernel, (jnp.array([1, 4]), slice(None)))
+  with pytest.raises(ValueError, match=r"layer layers/2 is a LoRALinear.*lora_a"):
+    optax_ramda.compact(m, jnp.ones((2, 6)))
+  assert m.layers[0].kernel.shape == (6, 8)
+
+
 # --- CNN -----------------------------------------------------------------------------------
 
 

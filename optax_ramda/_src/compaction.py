@@ -9,7 +9,8 @@ Accepted structure (anything else is refused with a ``ValueError`` naming the la
 * a **chain** of layers applied in order: an ``nnx.Sequential`` (nested ones are
   flattened), a list/tuple/``nnx.List`` of layers, or a module whose ``layers``
   attribute is one of those; or a single ``nnx.MultiHeadAttention``;
-* parametrized layers ``nnx.Linear`` and ``nnx.Conv`` (``feature_group_count=1``),
+* parametrized layers ``nnx.Linear`` and ``nnx.Conv`` (``feature_group_count=1``;
+  not subclasses with their own ``__call__`` or weights, such as ``nnx.LoRALinear``),
   whose boundaries are compacted; ``nnx.BatchNorm`` (over the last axis) and
   ``nnx.Dropout`` between them, sliced along with the channels;
 * ``nnx.LayerNorm``/``RMSNorm``/``GroupNorm``: kept as they are; they mix the
@@ -65,6 +66,9 @@ in the input of ``Q``; ALGORITHMS.md §9 layouts: Linear ``(in, out)``, Conv
   kept unless every ``v_d == 0``. A ``Q`` without bias keeps it likewise.
 * Removing rows of ``Q`` may make a column of ``P`` zero, and so on: the passes
   repeat until nothing changes, which makes :func:`compact` idempotent.
+* A layer keeps at least one channel: where every channel of ``P`` could go (a whole
+  layer trained to zero), one is kept (a removable one if any), so that no layer is
+  left zero wide; :func:`compaction_plan` notes it.
 
 Attention heads (kernels ``(in, heads, head_dim)`` for query/key/value and
 ``(heads, head_dim, out)`` for out): head ``h`` is removed when ``out.kernel[h]``
@@ -152,8 +156,34 @@ def _chain(model: Any) -> list[tuple[str, Any]]:
   )
 
 
+def _refuse_subclass(name: str, layer: Any) -> None:
+  """A subclass of a layer compact rewrites must compute what the layer does.
+
+  ``nnx.LoRALinear`` is an ``nnx.Linear`` with its own ``__call__`` and extra weights
+  (``lora_a``/``lora_b``) that compact would not slice; such layers are refused.
+  """
+  for base in (nnx.Linear, nnx.Conv, nnx.BatchNorm, nnx.MultiHeadAttention):
+    if not isinstance(layer, base) or type(layer) is base:
+      continue
+    extra = sorted(_name(path) for path, _ in nnx.to_flat_state(nnx.state(layer, nnx.Param))
+                   if _name(path) not in _BASE_PARAMS.get(base, ()))
+    if type(layer).__call__ is not base.__call__ or (base in _BASE_PARAMS and extra):
+      what = f" and weights {', '.join(extra)}" if extra else ""
+      raise ValueError(
+          f"compact: layer {name} is a {type(layer).__name__}, a subclass of nnx."
+          f"{base.__name__} with its own __call__{what}; compact only knows how the "
+          f"plain nnx.{base.__name__} uses its weights, so it refuses rather than cut "
+          "channels out of some weights and not others. Fix: merge the layer into a plain "
+          f"nnx.{base.__name__} first (for LoRA: kernel + lora_a @ lora_b), or leave the "
+          "model uncompacted.")
+
+
+_BASE_PARAMS = {nnx.Linear: ("kernel", "bias"), nnx.Conv: ("kernel", "bias")}
+
+
 def _check(name: str, layer: Any) -> str:
   """Classifies a layer: 'weights', 'mha', 'channelwise', 'barrier' or 'function'."""
+  _refuse_subclass(name, layer)
   if isinstance(layer, nnx.Linear):
     return "weights"
   if isinstance(layer, nnx.Conv):
@@ -431,13 +461,12 @@ def _compact_boundary(
   removable = np.array([np.all(zin[owner == c]) for c in range(channels)])
   const = _out_zero(prod) & ~removable
   folds = np.zeros(channels, bool)
-  fold_bias = None
+  contributions: dict[int, np.ndarray] = {}  # channel -> its constant's term in cons.bias
   if const.any():
     b = _np(prod.bias) if prod.bias is not None else np.zeros(channels)
     xc = jnp.broadcast_to(jnp.asarray(np.where(const, b, 0), x.dtype), x.shape)
     v = np.asarray(_apply(seg, xc), np.float64)[0]  # (..., D)
     kernel = _np(cons.kernel).astype(np.float64)
-    fold_bias = np.zeros(kernel.shape[-1])
     conv = isinstance(cons, nnx.Conv)
     for c in np.flatnonzero(const):
       feats = np.flatnonzero(owner == c)
@@ -452,21 +481,31 @@ def _compact_boundary(
         continue
       rows = kernel[..., feats, :]
       rows = rows.reshape(-1, feats.size, kernel.shape[-1]).sum(0) if conv else rows
-      fold_bias += vc[0] @ rows
+      contributions[int(c)] = vc[0] @ rows
       folds[c] = True
   remove = removable | folds
+  note = ""
+  if remove.all():
+    # Every channel is dead: keep one (a removable one if any, whose consumer rows are
+    # zero), as attention keeps one head, so that no layer is left zero wide.
+    c = int(np.flatnonzero(removable)[0]) if removable.any() else 0
+    remove[c] = folds[c] = False
+    note = f"every channel was zero; channel {c} is kept so that the layer is not empty"
   if not remove.any():
-    return nothing("")
+    return nothing(note)
   keep = ~remove
+  fold_bias = sum((contributions[c] for c in np.flatnonzero(folds) if c in contributions),
+                  np.zeros(_np(cons.kernel).shape[-1]))
   # BatchNorms inside the segment: their channels are features of a prefix of the segment.
   for i, layer in enumerate(seg):
     if isinstance(layer, nnx.BatchNorm):
       _take_channelwise(layer, keep[_owners(seg[:i], x, key)])
-  if fold_bias is not None and folds.any():
+  if contributions and folds.any():
     _set(cons.bias, np.asarray(_np(cons.bias), np.float64) + fold_bias)
   _take_out(prod, keep)
   _take_in(cons, keep[owner])
-  return CompactionBoundary(names[p], names[q], channels, int(keep.sum()), int(folds.sum()), "")
+  return CompactionBoundary(names[p], names[q], channels, int(keep.sum()), int(folds.sum()),
+                            note)
 
 
 def _compact_heads(layer: nnx.MultiHeadAttention) -> bool:
