@@ -198,6 +198,35 @@ def test_inject_hyperparams_schedule_switch(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_inject_hyperparams_schedule_from_zero(name):
+  """Schedules that start at 0 (optax.warmup_cosine_decay_schedule(0.0, ...)).
+
+  inject_hyperparams rebuilds the optimizer with jax.Array values, also eagerly,
+  where they are concrete: a 0 learning rate (and momentum) must pass the
+  construction checks there, eagerly and under jit, and the first step, taken
+  with 0, must leave the params where they are. A Python 0 is still refused.
+  """
+  factory, hp, static = OPTIMIZERS[name]
+  warm = lambda v: optax.linear_schedule(0.0, v, 3)
+  scheds = {k: warm(v) if k in ("learning_rate", "momentum") else v for k, v in hp.items()}
+  params = make_params()
+  for jit in (False, True):
+    opt = optax.inject_hyperparams(factory)(**scheds, regularizer=REG, **static)
+    state = opt.init(params)
+    step = jax.jit(opt.update) if jit else opt.update
+    p = params
+    for i, g in enumerate(grads_seq(params)):
+      u, state = step(g, state, p)
+      p = optax.apply_updates(p, u)
+      if i == 0:  # lr = 0 (and c = 0): nothing moves but by rounding
+        assert_trees(p, params, rtol=0, atol=1e-6)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))
+    assert not np.allclose(p["dense"]["kernel"], params["dense"]["kernel"])
+  with pytest.raises(ValueError, match="learning_rate must be finite and > 0"):
+    factory(**{**hp, "learning_rate": 0.0}, regularizer=REG, **static)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_masked(name):
   params = make_params()
   mask = {"dense": {"kernel": True, "bias": False}, "conv": {"kernel": True}}

@@ -66,7 +66,7 @@ def dual_averaging(
     Huang & Lee, NeurIPS 2024 (RAMDA), arXiv:2403.14398; Huang & Lee, ICLR
     2022 (RMDA), arXiv:2112.02612.
   """
-  validation.check_positive("learning_rate", learning_rate)
+  validation.check_positive("learning_rate", learning_rate, scheduled_zero=True)
   schedule = schedule or StageSchedule()
   acc = validation.accumulator_dtype(accumulator_dtype)
 

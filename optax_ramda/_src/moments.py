@@ -59,7 +59,7 @@ def adam_subproblem(
     Yun, Lozano & Yang, *Adaptive Proximal Gradient Methods for Structured
     Neural Networks*, NeurIPS 2021.
   """
-  validation.check_positive("learning_rate", learning_rate)
+  validation.check_positive("learning_rate", learning_rate, scheduled_zero=True)
   validation.check_unit_interval("b1", b1)
   validation.check_unit_interval("b2", b2)
   validation.check_positive("eps", eps)
@@ -156,7 +156,7 @@ def sgd_subproblem(
     Training Structured Neural Networks under Regularization and
     Constraints*, ICLR 2020.
   """
-  validation.check_positive("learning_rate", learning_rate)
+  validation.check_positive("learning_rate", learning_rate, scheduled_zero=True)
   validation.check_momentum("momentum", momentum)
   schedule = schedule or StageSchedule()
   acc = validation.accumulator_dtype(accumulator_dtype)

@@ -48,10 +48,26 @@ def concrete_scalar(name: str, value: Any) -> float | None:
   return None if arr is None else float(arr)
 
 
-def check_positive(name: str, value: Any) -> None:
+def _scheduled_zero(value: Any, v: float, allow: bool) -> bool:
+  """Whether ``v == 0`` is a scheduled value rather than a constant that is a mistake.
+
+  ``optax.inject_hyperparams`` rebuilds the optimizer with every hyperparameter as a
+  ``jax.Array`` (eagerly: a concrete one), and schedules such as
+  ``optax.warmup_cosine_decay_schedule(0.0, ...)`` pass through 0. A step with a
+  learning rate or momentum of 0 leaves the params as they are, so such a value is
+  accepted when it arrives as a ``jax.Array``; a Python or numpy 0 is refused.
+  """
+  return allow and v == 0 and isinstance(value, jax.Array)
+
+
+def check_positive(name: str, value: Any, scheduled_zero: bool = False) -> None:
+  """``0 < value < inf``; with ``scheduled_zero``, a ``jax.Array`` 0 also passes."""
   v = concrete_scalar(name, value)
-  if v is not None and not 0 < v < math.inf:
-    raise ValueError(f"{name} must be finite and > 0, got {v}. Pass a positive {name}.")
+  if v is not None and not 0 < v < math.inf and not _scheduled_zero(value, v, scheduled_zero):
+    also = (" (a schedule, or a jax.Array under optax.inject_hyperparams, may pass "
+            "through 0)") if scheduled_zero else ""
+    raise ValueError(
+        f"{name} must be finite and > 0, got {v}. Pass a positive {name}{also}.")
 
 
 def check_non_negative(name: str, value: Any) -> None:
@@ -61,12 +77,14 @@ def check_non_negative(name: str, value: Any) -> None:
 
 
 def check_momentum(name: str, value: Any) -> None:
+  """``0 < value <= 1``; a ``jax.Array`` 0 (a scheduled value) also passes."""
   v = concrete_scalar(name, value)
-  if v is not None and not 0 < v <= 1:
+  if v is not None and not 0 < v <= 1 and not _scheduled_zero(value, v, True):
     raise ValueError(
         f"{name} (the interpolation weight c) must lie in (0, 1], got {v}. "
         "c = 1 makes x equal the subproblem solution z; small c (0.01-0.1) "
-        "averages. Note this is 1 - (MADGRAD/SGD momentum)."
+        "averages; c = 0 would never move x (a schedule may pass through 0). "
+        "Note this is 1 - (MADGRAD/SGD momentum)."
     )
 
 
