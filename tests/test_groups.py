@@ -32,6 +32,33 @@ def test_masked_nodes_pass_through():
   assert isinstance(tree["b"], optax.MaskedNode)
 
 
+def test_params_with_none_holes():
+  """A layer without bias often leaves ``None`` in the params (an empty subtree).
+
+  The spec the error messages recommend, ``jax.tree.map(lambda _: None, params)``
+  with entries filled in, has ``None`` there too and must be accepted, by every
+  regularizer, the optimizers and structure(); leaving the key out names it.
+  """
+  params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": None}, "w": jnp.ones((2, 5))}
+  spec = jax.tree.map(lambda _: None, params)
+  assert spec == {"dense": {"kernel": None, "bias": None}, "w": None}
+  spec["dense"]["kernel"] = GroupSpec((1,))
+  fn = lambda p: jax.tree_util.tree_map_with_path(
+      lambda path, x: GroupSpec((1,)) if "kernel" in jax.tree_util.keystr(path) else None, p)
+  for reg in (optax_ramda.group_lasso(spec), optax_ramda.group_lasso(fn),
+              optax_ramda.l1({"dense": {"kernel": True, "bias": None}, "w": False}),
+              optax_ramda.nuclear_norm({**spec, "w": optax_ramda.NuclearSpec()})):
+    opt = optax_ramda.ramda(0.1, 1.0, reg)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+    assert updates["dense"]["bias"] is None and updates["w"].shape == (2, 5)
+  report = optax_ramda.structure(params, optax_ramda.group_lasso(spec))
+  assert list(report.per_leaf) == ["['dense']['kernel']"]
+  with pytest.raises(ValueError, match=r"params hold None at \['dense'\]\['bias'\].*None"):
+    optax_ramda.ramda(0.1, 1.0, optax_ramda.group_lasso(
+        {"dense": {"kernel": GroupSpec((1,))}, "w": None})).init(params)
+
+
 def test_a_masked_leaf_missing_from_the_spec_is_named_as_masked():
   """Under optax.masked the spec still lists the masked-out leaves; the error says so."""
   params = {"k": jnp.ones((3, 4)), "b": jnp.ones(4)}

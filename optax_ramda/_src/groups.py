@@ -211,11 +211,13 @@ def resolve(
     if s_def == p_def:
       s_leaves = [s for _, s in s_flat]
     else:
-      s_leaves = _entries_over_masked_subtrees(p_leaves, p_def, tree)
+      s_leaves = _entries_over_prefix(p_leaves, p_def, tree)
       if s_leaves is None:
         raise ValueError(_mismatch_message(
             [path for path, _ in p_leaves], [path for path, _ in s_flat], p_def, s_def,
             masked={path for path, p in p_leaves if isinstance(p, MaskedNode)},
+            nones=[path for path, x in jax.tree_util.tree_flatten_with_path(
+                params, is_leaf=lambda x: x is None)[0] if x is None],
         ))
   out = []
   for (path, p), s in zip(p_leaves, s_leaves):
@@ -238,20 +240,24 @@ def _is_single_entry(s: Any) -> bool:
   return _is_spec_leaf(s) or not isinstance(s, (list, tuple, dict))
 
 
-def _entries_over_masked_subtrees(
+def _entries_over_prefix(
     p_leaves: Sequence[tuple[Any, Any]], p_def: Any, tree: Any
 ) -> list[Any] | None:
-  """The spec entry of each params leaf when a ``MaskedNode`` covers a subtree.
+  """The spec entry of each params leaf when the params' structure is a prefix of the spec's.
 
-  ``optax.masked`` / ``optax.partition`` with a prefix mask (``{"enc": False,
-  ...}``) hand the optimizer one ``MaskedNode`` for a whole subtree, while the
-  spec follows the whole params tree. The params' structure is then a prefix
-  of the spec's: each ``MaskedNode`` takes whatever spec subtree is there, and
-  every other leaf must still have a single entry. ``None`` if that is not the
+  Two cases, where flattening both trees leaf by leaf disagrees:
+
+  * ``optax.masked`` / ``optax.partition`` with a prefix mask (``{"enc": False,
+    ...}``) hand the optimizer one ``MaskedNode`` for a whole subtree, while the
+    spec follows the whole params tree: each ``MaskedNode`` takes whatever spec
+    subtree is there;
+  * params with ``None`` in place of an array (a layer without bias): ``None`` is
+    an empty subtree of the params but an entry ("not regularized") of a spec,
+    e.g. of ``jax.tree.map(lambda _: None, params)``; it matches there.
+
+  Every other leaf must still have a single entry. ``None`` if that is not the
   case (the caller then explains the mismatch).
   """
-  if not any(isinstance(p, MaskedNode) for _, p in p_leaves):
-    return None
   try:
     entries = p_def.flatten_up_to(tree)
   except (ValueError, TypeError):
@@ -268,11 +274,13 @@ def _mismatch_message(
     p_def: Any,
     s_def: Any,
     masked: Collection[tuple[Any, ...]] = (),
+    nones: Sequence[tuple[Any, ...]] = (),
 ) -> str:
   """Why a spec tree does not match the params, naming the first bad path.
 
   ``masked``: the params' paths that hold an ``optax.MaskedNode`` (leaves that
-  ``optax.masked`` or ``optax.partition`` keep from this optimizer).
+  ``optax.masked`` or ``optax.partition`` keep from this optimizer); ``nones``:
+  the paths where the params hold ``None`` (an empty subtree).
   """
   keystr = jax.tree_util.keystr
   head = "the group spec tree does not match the params tree: "
@@ -327,11 +335,20 @@ def _mismatch_message(
           f"Add an entry for {keystr(path)}: a GroupSpec, or None to leave it "
           "unregularized (True/False in an l1 mask). " + rule
       )
-  extra = [keystr(q) for q in s_paths if q not in p_set and not under_masked(q)]
+  extra = [keystr(q) for q in s_paths
+           if q not in p_set and not under_masked(q) and q not in nones]
   if extra:
     return (
         f"{head}the spec has an entry at {extra[0]}, which is not a parameter"
         f"{more(extra)}. Remove it (check the spelling against the params' paths). " + rule
+    )
+  left_out = [q for q in nones if q not in s_set]
+  if left_out:
+    listed = ", ".join(keystr(q) for q in left_out[:3]) + (", ..." if len(left_out) > 3 else "")
+    return (
+        f"{head}the params hold None at {listed} (an empty subtree, e.g. a layer "
+        "without bias). Give the spec None there too, as jax.tree.map(lambda _: None, "
+        "params) does, rather than leaving the key out. " + rule
     )
   # Same leaf paths, different containers (e.g. a tuple for a list, a dict for a State).
   return (
