@@ -3,8 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import optax_ramda
 from optax_ramda._src.preconditioners import cube_root
 
 
@@ -39,3 +41,23 @@ def test_cube_root_low_precision_keeps_dtype(dtype):
   np.testing.assert_allclose(
       np.asarray(got, np.float32), np.cbrt(np.asarray(u, np.float32)), rtol=1e-2
   )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cube_root_passes_non_finite_values(dtype):
+  # cbrt(inf) = inf and NaN stays NaN, as jnp.cbrt; with offset too. (The fast root
+  # gave NaN for inf and 0 for NaN.)
+  u = jnp.asarray([jnp.inf, jnp.nan, 8.0], dtype)
+  for offset in (0.0, 1e-6):
+    got = np.asarray(cube_root(u, offset), np.float32)
+    assert got[0] == np.inf and np.isnan(got[1]) and abs(got[2] - 2.0) < 1e-2
+
+
+def test_overflowed_sum_of_squares_freezes_the_leaf_instead_of_nan():
+  # A finite but huge gradient overflows U = s g^2 in float32: P = inf and the
+  # step is 0, as optax.contrib.madgrad gives, not NaN params.
+  p = jnp.ones(3)
+  g = jnp.full(3, 1e25)
+  for opt in (optax_ramda.ramda(0.05), optax.contrib.madgrad(0.05)):
+    u, _ = opt.update(g, opt.init(p), p)
+    np.testing.assert_array_equal(np.asarray(optax.apply_updates(p, u)), np.ones(3))
