@@ -234,6 +234,26 @@ def test_diagnostics_errors_name_the_fix():
     optax_ramda.solve_diagnostics(state, {"w": params["w"]})
 
 
+def test_diagnostics_with_integer_leaves_and_of_a_batched_state():
+  # The optimizers hand their stages only the float leaves; the diagnostics still
+  # come back like params, with zeros for the integer leaf (was: "saw 1 parameter
+  # leaves, params has 2" for the very params it was initialised with).
+  params = {"step": jnp.array(3), "w": jnp.ones((8, 4))}
+  reg = optax_ramda.group_lasso({"step": None, "w": GroupSpec((1,))})
+  opt = optax_ramda.ramda(0.1, 1e-2, reg)
+  grads = {"step": jnp.zeros((), jnp.int32), "w": 0.3 * jnp.ones((8, 4))}
+  _, state = jax.jit(opt.update)(grads, opt.init(params), params)
+  diag = optax_ramda.solve_diagnostics(state, params)
+  assert int(diag.iterations["step"]) == 0 and float(diag.residual["step"]) == 0
+  assert int(diag.iterations["w"]) >= 1
+  # A vmapped ensemble's state is refused with a message that says how to read it.
+  batched = jax.vmap(opt.init)(jax.tree.map(lambda x: jnp.stack([x, x]), params))
+  with pytest.raises(ValueError, match=r"shape \(2, 1\).*batched state.*x\[i\]"):
+    optax_ramda.solve_diagnostics(batched, params)
+  member = jax.tree.map(lambda x: x[1], batched)
+  assert int(optax_ramda.solve_diagnostics(member, params).iterations["w"]) == 0
+
+
 def test_diagnostics_dtype_follows_the_solves():
   with jax.enable_x64(True):
     params = {"w": jnp.ones((8, 4), jnp.float64), "h": jnp.ones((4, 4), jnp.bfloat16)}

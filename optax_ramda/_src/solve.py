@@ -93,6 +93,7 @@ def solve_diagnostics(opt_state: Any, params: Any) -> SolveState:
     ValueError: ``opt_state`` holds no solve stage, or several (pass the
       state of one of them), or ``params`` has another number of leaves
       than the stage saw (under ``optax.masked``, pass the masked params).
+      Integer and boolean leaves, which the stages never see, get zeros.
   """
   found = [
       s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SolveState))
@@ -105,15 +106,31 @@ def solve_diagnostics(opt_state: Any, params: Any) -> SolveState:
         "(or of the one solve stage you want to read)."
     )
   state = found[0]
-  treedef = jax.tree.structure(params)
+  leaves, treedef = jax.tree.flatten(params)
   n = treedef.num_leaves
-  if jnp.shape(state.iterations) != (n,):
+  shape = jnp.shape(state.iterations)
+  if len(shape) != 1:
     raise ValueError(
-        f"the solve stage saw {jnp.shape(state.iterations)[0]} parameter leaves, "
-        f"params has {n}. Pass the params the optimizer was initialised with (under "
-        "optax.masked, the masked params)."
+        f"the solve stage's diagnostics have shape {shape}, not one entry per leaf: a "
+        "batched state (e.g. from jax.vmap over an ensemble). Pass one member's state, "
+        "e.g. jax.tree.map(lambda x: x[i], opt_state)."
     )
-  tree = lambda v: treedef.unflatten([v[i] for i in range(n)])
+  # The optimizers hand their stages only the real floating-point leaves
+  # (non_float.py); the others, never regularized, get zeros here.
+  floats = [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+  if shape[0] == n:
+    index = list(range(n))
+  elif shape[0] == len(floats):
+    position = {leaf: k for k, leaf in enumerate(floats)}
+    index = [position.get(i) for i in range(n)]
+  else:
+    raise ValueError(
+        f"the solve stage saw {shape[0]} parameter leaves, params has {n}"
+        f"{f' ({len(floats)} floating-point)' if len(floats) != n else ''}. Pass the "
+        "params the optimizer was initialised with (under optax.masked, the masked params)."
+    )
+  tree = lambda v: treedef.unflatten(
+      [v[i] if i is not None else jnp.zeros((), v.dtype) for i in index])
   return SolveState(
       tree(state.iterations), tree(state.relative_decrease), tree(state.residual),
       state.solve_count,
