@@ -340,3 +340,157 @@ def test_no_override_warning_when_nnx_optimizer_trains_part_of_the_model():
     opt.update(model, grads)
   assert not [w for w in caught if "optax_ramda.presets" in str(w.message)]
   np.testing.assert_array_equal(np.asarray(model.fc.kernel[...]), before)  # only the head moved
+
+
+# --- stacked layers, grouped convs, names that only look like attention --------------------
+
+
+class LinenBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(x)
+    return x + nn.Dense(8)(nn.relu(nn.Dense(8)(x))), None
+
+
+class LinenScanned(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    blocks = nn.scan(LinenBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=3)(name="blocks")
+    return nn.Dense(2)(blocks(x, None)[0])
+
+
+def _linen_scanned_params():
+  return LinenScanned().init(jax.random.key(0), jnp.ones((1, 5, 8)))["params"]
+
+
+def test_linen_scanned_layers_are_refused_unless_named_in_stacked():
+  params = _linen_scanned_params()
+  # Unnamed, the scanned Dense (3, 8, 8) was taken for a Conv kernel, its groups
+  # spanning all three layers; it is refused now, and the fix is named.
+  with pytest.raises(ValueError, match=r"blocks/Dense_0/kernel has shape \(3, 8, 8\).*stacked="):
+    presets.from_params(params)
+  reg = presets.from_params(params, stacked=["blocks"])
+  got = axes_by_path(reg, params)
+  assert got["blocks/Dense_0/kernel"] == (2,)  # input-wise, per layer
+  assert got["blocks/MultiHeadDotProductAttention_0/query/kernel"] == (1, 3)
+  assert got["blocks/MultiHeadDotProductAttention_0/out/kernel"] == (2, 3)
+  assert got["Dense_0/kernel"] == (1,)  # outside the scan: unchanged
+  leaves = reg.leaves(params)
+  assert leaves["blocks"]["Dense_0"]["kernel"].num_groups == 3 * 8
+  # One joint group per (layer, head): 3 x 2, tied across q/k/v/out of each layer.
+  ties = ties_by_path(reg, params)
+  mod = "blocks/MultiHeadDotProductAttention_0"
+  assert {ties[f"{mod}/{p}/kernel"] for p in PROJ} == {mod}
+  assert leaves["blocks"]["MultiHeadDotProductAttention_0"]["out"]["kernel"].num_groups == 6
+
+
+PROJ = ("query", "key", "value", "out")
+
+
+def test_linen_stacked_groups_zero_rows_per_layer():
+  # Per-layer groups: a row is zeroed in one layer and kept in another (with groups
+  # across layers a row could only be zeroed in all three at once).
+  params = _linen_scanned_params()
+  k = params["blocks"]["Dense_0"]["kernel"]
+  k = k.at[0, :4].multiply(1e-3).at[2, 4:].multiply(1e-3)  # small rows, different per layer
+  params = {**params, "blocks": {**params["blocks"], "Dense_0": {
+      **params["blocks"]["Dense_0"], "kernel": k}}}
+  reg = presets.from_params(params, stacked=["blocks"])
+  opt = optax_ramda.prox_sgd(1.0, strength=0.02, regularizer=reg)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  u, _ = opt.update(zeros, opt.init(params), params)
+  new = optax.apply_updates(params, u)["blocks"]["Dense_0"]["kernel"]
+  zero_rows = [np.flatnonzero(np.all(np.asarray(new[i]) == 0, axis=1)).tolist() for i in range(3)]
+  assert zero_rows == [[0, 1, 2, 3], [], [4, 5, 6, 7]]
+
+
+def test_stacked_pattern_that_matches_no_module_warns():
+  params = _linen_scanned_params()
+  reg = presets.from_params(
+      params, stacked=["blocks", "blokcs"],
+      overrides={"blocks/MultiHeadDotProductAttention_0/*": "default"})
+  opt = optax_ramda.ramda(0.1, 1e-3, reg)
+  with pytest.warns(UserWarning, match="stacked pattern 'blokcs' matches no"):
+    opt.init(params)
+
+
+class NnxBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.att = nnx.MultiHeadAttention(
+        num_heads=4, num_kv_heads=2, in_features=8, qkv_features=8, decode=False, rngs=rngs)
+    self.lin = nnx.Linear(8, 8, rngs=rngs)
+    self.conv = nnx.Conv(8, 8, (3,), rngs=rngs)
+    self.ln = nnx.LayerNorm(8, rngs=rngs)
+
+
+class NnxStack(nnx.Module):
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return NnxBlock(rngs)
+
+    self.blocks = make(rngs)
+    self.head = nnx.Linear(8, 2, rngs=rngs)
+
+
+def test_from_nnx_reads_stacked_layers_from_the_modules():
+  # nnx.vmap-stacked layers: the extra leading axis is found from each layer's own
+  # kernel rank, and never reduced over (was: a ValueError for the rank-3 Linear).
+  model = NnxStack(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  reg = presets.from_nnx(model)
+  got = axes_by_path(reg, params)
+  assert got["blocks/lin/kernel"] == (2,)
+  assert got["blocks/conv/kernel"] == (1, 3)  # (layers, width, in, out): per input channel
+  assert got["blocks/att/query/kernel"] == (1, 3) and got["blocks/att/out/kernel"] == (2, 3)
+  assert got["blocks/ln/scale"] is None and got["head/kernel"] == (1,)
+  ties = ties_by_path(reg, params)
+  assert ties["blocks/att/query/kernel"] == "blocks/att"
+  assert ties["blocks/att/key/kernel"] == "blocks/att/kv"  # grouped-query, per layer
+  assert reg.leaves(params)["blocks"]["att"]["key"]["kernel"].num_groups == 3 * 2
+  tx = nnx.Optimizer(model, optax_ramda.ramda(0.1, 1e-3, reg), wrt=nnx.Param)
+  tx.update(model, jax.tree.map(jnp.ones_like, params))
+  assert model.blocks.lin.kernel.shape == (3, 8, 8)
+  assert presets.head_sparsity(params)["blocks/att"].shape == (3, 4)
+
+
+def test_grouped_convs_take_filter_groups_and_refuse_channel_groups():
+  class Net2(nnx.Module):
+    def __init__(self, rngs):
+      self.dw = nnx.Conv(8, 8, (3, 3), feature_group_count=8, rngs=rngs)
+      self.gc = nnx.Conv(8, 8, (3, 3), feature_group_count=2, rngs=rngs)
+      self.pw = nnx.Conv(8, 4, (1, 1), rngs=rngs)
+
+  model = Net2(nnx.Rngs(0))
+  # conv="channel" gave the depthwise kernel (3, 3, 1, 8) one group for the layer.
+  with pytest.raises(ValueError, match=r"dw/kernel .*grouped Conv.*conv='filter'"):
+    presets.from_nnx(model)
+  params = nnx.state(model, nnx.Param)
+  got = axes_by_path(presets.from_nnx(model, conv="filter"), params)
+  assert got["dw/kernel"] == got["gc/kernel"] == got["pw/kernel"] == (0, 1, 2)
+  ok = presets.from_nnx(model, overrides={"dw/kernel": None, "gc/kernel": None})
+  assert axes_by_path(ok, params)["pw/kernel"] == (0, 1, 3)
+
+
+def test_linen_out_kernel_is_attention_only_beside_query_key_value():
+  class Conv1dNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(4, (3,), name="out")(nn.Conv(8, (5,), name="conv")(x))
+
+  params = Conv1dNet().init(jax.random.key(0), jnp.ones((1, 16, 3)))["params"]
+  got = axes_by_path(presets.from_params(params), params)
+  assert got["out/kernel"] == (0, 2)  # a Conv1D kernel (3, 8, 4): per input channel
+  assert ties_by_path(presets.from_params(params), params)["out/kernel"] is None
+
+
+def test_head_sparsity_root_module_and_grouped_query_attention():
+  mha = nnx.MultiHeadAttention(num_heads=4, num_kv_heads=2, in_features=8, qkv_features=8,
+                               decode=False, rngs=nnx.Rngs(0))
+  mha.query.kernel.set_value(mha.query.kernel[...].at[:, 1].set(0))
+  mha.out.kernel.set_value(mha.out.kernel[...].at[1].set(0))
+  # (was: {} for a module at the root, and a broadcasting error with fewer kv heads)
+  got = presets.head_sparsity(nnx.state(mha, nnx.Param))
+  np.testing.assert_array_equal(got[""], [False, True, False, False])

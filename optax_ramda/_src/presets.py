@@ -46,8 +46,9 @@ GroupSpec((0, 2)), ...}``.
 from __future__ import annotations
 
 import fnmatch
+import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -76,6 +77,29 @@ UNREGULARIZED_MODULES = (
 ATTENTION_MODULES = ("MultiHeadAttention", "MultiHeadDotProductAttention", "SelfAttention")
 
 Override = GroupSpec | str | None
+# from_nnx's module type for an nnx.Conv with feature_group_count > 1.
+GROUPED_CONV = "Conv(feature_group_count>1)"
+_LINEN_DENSE = re.compile(r"(Dense|DenseGeneral)_\d+")
+
+
+def _refuse_linen_stacked(
+    path: str, parent: str, shape: tuple[int, ...], linen_attention: bool
+) -> None:
+  """Linen kernels whose rank says "stacked by nn.scan/nn.vmap", refused rather than
+  grouped across layers (from_params sees shapes only)."""
+  dense = _LINEN_DENSE.fullmatch(parent) is not None and len(shape) >= 3
+  attention = linen_attention and len(shape) >= 4
+  if not (dense or attention):
+    return
+  what = ("an attention projection" if attention else
+          f"a Dense layer ({parent}), whose kernel is (in, out)")
+  raise ValueError(
+      f"parameter {path} has shape {shape}, of rank {len(shape)}, but is the kernel of "
+      f"{what}: most likely a layer stacked by nn.scan/nn.vmap (a leading layer axis), "
+      "whose groups would otherwise span all layers. Pass stacked=['<path of the "
+      "scanned module>'] (one leading axis per match), e.g. stacked=['blocks']; for a "
+      f"DenseGeneral with several feature axes, overrides={{'{path}': GroupSpec(...)}}.")
+
 
 
 def path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
@@ -104,7 +128,12 @@ def _check_choice(name: str, value: Any, choices: Mapping[str, Any]) -> None:
 class _Classifier:
   """Maps (path names, shape, owning module type) to a GroupSpec or None."""
 
-  def __init__(self, dense, conv, attention, overrides):
+  def __init__(self, dense, conv, attention, overrides, stacked=()):
+    if isinstance(stacked, str):
+      stacked = (stacked,)
+    if not all(isinstance(p, str) for p in stacked):
+      raise TypeError(f"stacked must be module path patterns like 'blocks', got {stacked!r}.")
+    self.stacked = tuple(stacked)
     _check_choice("dense", dense, DENSE)
     _check_choice("conv", conv, CONV)
     _check_choice("attention", attention, ATTENTION_QKV)
@@ -119,8 +148,18 @@ class _Classifier:
         )
 
   def unmatched(self, paths: list[str]) -> list[str]:
-    """The override patterns that match none of ``paths``."""
-    return [p for p in self.overrides if not any(fnmatch.fnmatchcase(q, p) for q in paths)]
+    """The override patterns that match none of ``paths``, and the ``stacked``
+    patterns that match none of their module paths."""
+    modules = {q.rsplit("/", 1)[0] for q in paths if "/" in q}
+    prefixes = {"/".join(m.split("/")[:k]) for m in modules for k in range(1, m.count("/") + 2)}
+    return [p for p in self.overrides if not any(fnmatch.fnmatchcase(q, p) for q in paths)] + [
+        p for p in self.stacked if not any(fnmatch.fnmatchcase(q, p) for q in prefixes)]
+
+  def stacked_axes(self, names: tuple[str, ...], shape: tuple[int, ...]) -> int:
+    """Leading layer axes of a leaf: one per module on its path that ``stacked`` names."""
+    return sum(
+        any(fnmatch.fnmatchcase("/".join(names[:k]), p) for p in self.stacked)
+        for k in range(1, len(names)))
 
   def _override(self, path: str) -> tuple[bool, Override]:
     for pattern, value in self.overrides.items():
@@ -128,18 +167,58 @@ class _Classifier:
         return True, value
     return False, None
 
-  def __call__(self, names: tuple[str, ...], shape: tuple[int, ...], module: str | None):
+  def __call__(
+      self,
+      names: tuple[str, ...],
+      shape: tuple[int, ...],
+      module: str | None,
+      stacked: int = 0,
+      attention_module: bool = True,
+  ) -> Override:
+    """The spec of one leaf.
+
+    ``stacked``: leading layer axes (``nnx.vmap``/``nnx.scan``, Linen
+    ``nn.scan``/``nn.vmap``): the leaf is classified by its shape without them,
+    and every layer gets its own groups (the reduce axes never include them).
+    ``attention_module``: for params without module types (Linen), whether the
+    leaf's module also has query/key/value kernels (an ``out`` kernel alone is
+    not an attention projection).
+    """
     path = "/".join(names)
     hit, value = self._override(path)
     if hit:
       return value
+    if stacked:
+      if len(shape) <= stacked:
+        raise ValueError(
+            f"parameter {path} has shape {shape}: nothing is left besides its {stacked} "
+            "stacked layer axes. Check `stacked`, or give it an override.")
+      spec = self._classify(names, shape[stacked:], module, attention_module, path)
+      if not isinstance(spec, GroupSpec):
+        return spec
+      return GroupSpec(tuple(a + stacked for a in spec.reduce_axes), tie=spec.tie)
+    return self._classify(names, shape, module, attention_module, path)
+
+  def _classify(self, names, shape, module, attention_module, path) -> Override:
     leaf = names[-1] if names else ""
     parent = names[-2] if len(names) > 1 else ""
-    in_attention = module in ATTENTION_MODULES or (
-        module is None and parent in PROJ_NAMES and len(shape) == 3
-    )
+    linen_attention = module is None and parent in PROJ_NAMES and (
+        parent != "out" or attention_module)
+    in_attention = module in ATTENTION_MODULES or (linen_attention and len(shape) == 3)
     if module in UNREGULARIZED_MODULES or leaf in UNREGULARIZED_NAMES:
       return None
+    if leaf == "kernel" and module is None:
+      _refuse_linen_stacked(path, parent, shape, linen_attention)
+    if leaf == "kernel" and module == GROUPED_CONV:
+      if self.conv == "channel":
+        raise ValueError(
+            f"parameter {path} (shape {shape}) is the kernel of a grouped Conv "
+            "(feature_group_count > 1): its input axis holds only one group's channels, "
+            "so conv='channel' would put input channels of different feature groups "
+            "(all channels of a depthwise conv) into one group. Use conv='filter' (one "
+            f"group per output channel), or overrides={{'{path}': GroupSpec(...)}} or "
+            f"{{'{path}': None}}.")
+      return None if self.conv is None else GroupSpec(CONV[self.conv](len(shape)))
     if leaf == "kernel" and in_attention and len(shape) == 3:
       if self.attention is None:
         return None
@@ -163,19 +242,29 @@ def _spec_fn(
     classify: _Classifier,
     module_of: Callable[[tuple[str, ...]], str | None],
     shapes: Mapping[tuple[str, ...], tuple[int, ...]] | None = None,
+    stacked_of: Callable[[tuple[str, ...], tuple[int, ...]], int] = lambda names, shape: 0,
 ):
-  """``params -> spec tree``; ``shapes`` (path names -> global shape) arms the shard check."""
+  """``params -> spec tree``; ``shapes`` (path names -> global shape) arms the shard check.
+
+  ``stacked_of(names, shape)``: the number of leading layer axes of a leaf.
+  """
 
   built_from = ["/".join(names) for names in shapes or {}]
 
   def spec(params: Any, warn_unmatched: bool = True) -> Any:
     if warn_unmatched:
       _warn_unmatched(classify, params, built_from)
+    # Modules with query/key/value kernels (Linen: an `out` kernel is an attention
+    # projection only beside them), in this tree or the one the preset was built from.
+    paths = [path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    qkv = {n[:-2] for n in [*paths, *(shapes or {})]
+           if len(n) >= 2 and n[-1] == "kernel" and n[-2] in QKV_NAMES}
 
     def one(path, leaf):
       names = path_names(path)
       shape = tuple(np.shape(leaf))
-      out = classify(names, shape, module_of(names))
+      out = classify(names, shape, module_of(names), stacked_of(names, shape),
+                     names[:-2] in qkv)
       if shapes is not None and isinstance(out, GroupSpec):
         _check_local_shape(names, shape, out, shapes.get(names))
       return out
@@ -205,7 +294,8 @@ def _warn_unmatched(classify: _Classifier, params: Any, built_from: list[str]) -
       continue
     examples = ", ".join(repr(p) for p in paths[:3])
     warnings.warn(
-        f"optax_ramda.presets: override pattern {pattern!r} matches no parameter path "
+        f"optax_ramda.presets: {'stacked' if pattern in classify.stacked else 'override'} "
+        f"pattern {pattern!r} matches no parameter path "
         f"(paths such as {examples}), so it changes nothing. Check its spelling, and "
         "whether the paths start with a prefix such as 'params/'.",
         UserWarning,
@@ -293,12 +383,13 @@ def _split_kv_ties(specs: Any, params: Any) -> Any:
     return (
         isinstance(spec, GroupSpec) and spec.tie is not None and len(names) >= 2
         and names[-1] == "kernel" and names[-2] in PROJ_NAMES
-        and spec.tie == "/".join(names[:-2]) and np.ndim(leaf) == 3
+        and spec.tie == "/".join(names[:-2]) and np.ndim(leaf) >= 3
     )
 
   def heads(names: tuple[str, ...], leaf: Any) -> int:
+    # q/k/v (..., in, heads, hd), out (..., heads, hd, out); "..." are stacked layers.
     shape = np.shape(leaf)
-    return int(shape[0] if names[-2] == "out" else shape[1])
+    return int(shape[-3] if names[-2] == "out" else shape[-2])
 
   query_heads: dict[str, int] = {}
 
@@ -328,16 +419,30 @@ def from_params(
     conv: str | None = "channel",
     attention: str | None = "head",
     overrides: Mapping[str, Override] | None = None,
+    stacked: Sequence[str] = (),
 ) -> GroupLasso:
   """A :class:`GroupLasso` for a params tree with Flax (Linen or NNX) paths.
 
   Leaves are classified by their path and shape: ``kernel`` of rank 2 is a
   Dense kernel, of rank >= 3 a Conv kernel, except a rank-3 ``kernel`` under
-  ``query``/``key``/``value``/``out`` (an attention projection); ``bias``,
-  ``scale``, ``embedding`` (and BatchNorm statistics) are not regularized.
-  Anything else raises a ``ValueError`` naming its path; ``overrides`` fixes
-  it. ``params`` is only used to check every leaf now; the regularizer
-  classifies whatever tree the optimizer passes it.
+  ``query``/``key``/``value`` or under an ``out`` beside them (an attention
+  projection); ``bias``, ``scale``, ``embedding`` (and BatchNorm statistics)
+  are not regularized. Anything else raises a ``ValueError`` naming its path;
+  ``overrides`` fixes it. ``params`` is only used to check every leaf now; the
+  regularizer classifies whatever tree the optimizer passes it.
+
+  Shapes are all it sees, so two things need telling (:func:`from_nnx` reads
+  them from the modules):
+
+  * layers stacked by ``nn.scan``/``nn.vmap`` carry a leading layer axis: name
+    their module in ``stacked`` and every layer gets its own groups. Unnamed,
+    a scanned Dense (``Dense_0``) or attention kernel is refused (its rank
+    gives it away), but a stacked kernel of a module with another name looks
+    like a Conv kernel and would be grouped across layers;
+  * a grouped or depthwise Conv (``feature_group_count > 1``) looks like any
+    Conv; ``conv="channel"`` would mix the feature groups' input channels in
+    one group. Give such kernels ``GroupSpec`` overrides (filter-wise: all axes
+    but the last).
 
   Args:
     params: the params tree (e.g. ``variables['params']`` of a Linen model).
@@ -351,15 +456,23 @@ def from_params(
       ``"params/head/*"``. The first matching pattern wins. A pattern that
       matches no path of the tree the optimizer sees (a typo) gives a
       ``UserWarning`` when the optimizer first sees the params.
+    stacked: ``fnmatch`` patterns of module paths (``"blocks"``,
+      ``"params/encoder/layers"``) whose leaves carry one leading layer axis
+      (``nn.scan``/``nn.vmap`` with ``variable_axes={"params": 0}``); a leaf
+      under two matching modules has two. A pattern that matches no module
+      warns like an override.
 
   Example::
 
     variables = model.init(key, x)            # a Linen model
     reg = optax_ramda.presets.from_params(variables["params"], dense="output")
     opt = optax_ramda.ramda(0.01, strength=1e-4, regularizer=reg)
+    # nn.scan over 12 blocks named "blocks": per-layer groups
+    reg = optax_ramda.presets.from_params(variables["params"], stacked=["blocks"])
   """
-  classify = _Classifier(dense, conv, attention, overrides)
-  reg = GroupLasso(_spec_fn(classify, lambda names: None, _global_shapes(params)))
+  classify = _Classifier(dense, conv, attention, overrides, stacked)
+  reg = GroupLasso(_spec_fn(classify, lambda names: None, _global_shapes(params),
+                            classify.stacked_axes))
   reg.groups(params, warn_unmatched=False)  # raises now, naming the path, for anything unknown
   return reg
 
@@ -391,6 +504,13 @@ def from_nnx(
   regularized (ALGORITHMS.md §9). A ``nnx.Param`` of any other layer raises a
   ``ValueError`` naming its path; give it a group in ``overrides``.
 
+  Layers stacked by ``nnx.vmap``/``nnx.scan`` (a kernel with more leading axes
+  than its layer type has) get groups per layer: the leading axes are never
+  reduced over. A grouped or depthwise ``nnx.Conv`` (``feature_group_count >
+  1``) takes ``conv="filter"`` (one group per output channel); with
+  ``conv="channel"`` it raises, as its input axis holds one feature group's
+  channels only.
+
   The result works with ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and with
   ``nnx.state(model, nnx.Param)``, and inside ``optax.masked``/``partition``.
 
@@ -412,7 +532,12 @@ def from_nnx(
   """
   from flax import nnx
 
-  types = module_types(model)
+  modules = {
+      tuple(str(p) for p in path): node
+      for path, node in nnx.iter_graph(model)
+      if isinstance(node, nnx.Module)
+  }
+  types = {path: type(node).__name__ for path, node in modules.items()}
   classify = _Classifier(dense, conv, attention, overrides)
 
   def module_of(names: tuple[str, ...]) -> str | None:
@@ -421,10 +546,27 @@ def from_nnx(
       parent = types[names[:-2]]
       if parent in ATTENTION_MODULES:
         return parent
+    if owner == "Conv" and getattr(modules[names[:-1]], "feature_group_count", 1) != 1:
+      return GROUPED_CONV
     return owner
 
+  def stacked_of(names: tuple[str, ...], shape: tuple[int, ...]) -> int:
+    """Leading axes beyond the layer's own kernel rank (nnx.vmap / nnx.scan)."""
+    node = modules.get(names[:-1])
+    if names[-1:] != ("kernel",) or node is None:
+      return 0
+    if isinstance(node, (nnx.Conv, nnx.ConvTranspose)):
+      rank = len(node.kernel_shape)
+    elif isinstance(node, nnx.Linear):
+      rank = 2
+    elif isinstance(node, nnx.LinearGeneral) and module_of(names) in ATTENTION_MODULES:
+      rank = 3  # q/k/v (in, heads, head_dim), out (heads, head_dim, out)
+    else:
+      return 0
+    return max(len(shape) - rank, 0)
+
   state = nnx.state(model, nnx.Param)
-  reg = GroupLasso(_spec_fn(classify, module_of, _global_shapes(state)))
+  reg = GroupLasso(_spec_fn(classify, module_of, _global_shapes(state), stacked_of))
   reg.groups(state, warn_unmatched=False)  # raises now, naming the path
   return reg
 
@@ -564,23 +706,34 @@ def head_sparsity(params: Any, tol: float = 0.0) -> dict[str, np.ndarray]:
   """Per attention module, which heads are entirely zero (all four projections).
 
   Returns ``{module path: bool array (heads,)}`` for every attention module
-  found by path (``query``/``key``/``value``/``out`` kernels). Reads values on
-  the host: call it outside the training step.
+  found by path (``query``/``key``/``value``/``out`` kernels; ``""`` for an
+  attention module at the root of ``params``). Layers stacked by
+  ``nnx.vmap``/``nn.scan`` give ``(layers, heads)``. With grouped-query attention
+  (fewer key/value heads) a query head counts as zero when its query and out
+  slices are: its key/value head is shared with other query heads. Reads values
+  on the host: call it outside the training step.
   """
   found: dict[tuple[str, ...], dict[str, Any]] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     names = path_names(path)
-    if len(names) >= 3 and names[-1] == "kernel" and names[-2] in PROJ_NAMES:
-      if np.ndim(leaf) == 3:
+    if len(names) >= 2 and names[-1] == "kernel" and names[-2] in PROJ_NAMES:
+      if np.ndim(leaf) >= 3:
         found.setdefault(names[:-2], {})[names[-2]] = np.asarray(leaf)
   out = {}
   for mod, kernels in found.items():
-    if set(kernels) != set(PROJ_NAMES):
+    if set(kernels) != set(PROJ_NAMES) or len({k.ndim for k in kernels.values()}) != 1:
       continue
-    zero = np.abs(kernels["out"]).max(axis=(1, 2)) <= tol
+    # out (..., heads, hd, out), q/k/v (..., in, heads, hd)
+    zero = np.abs(kernels["out"]).max(axis=(-2, -1)) <= tol
     for n in QKV_NAMES:
-      zero &= np.abs(kernels[n]).max(axis=(0, 2)) <= tol
-    out["/".join(mod)] = zero
+      dead = np.abs(kernels[n]).max(axis=(-3, -1)) <= tol
+      if dead.shape == zero.shape:
+        zero &= dead
+      elif n == "query" or zero.shape[-1] % dead.shape[-1]:
+        zero = None  # not an attention layout
+        break
+    if zero is not None:
+      out["/".join(mod)] = zero
   return out
 
 
