@@ -8,6 +8,7 @@ sequence of random gradients. Float32 throughout unless stated.
 
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -304,6 +305,25 @@ def test_bf16_params(name, acc):
   assert acc_leaves
   want = jnp.bfloat16 if acc is None else jnp.float32
   assert all(x.dtype == want for x in acc_leaves), {x.dtype for x in acc_leaves}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_dual_averages_warn_unless_the_dtype_is_chosen(name):
+  """RAMDA/RMDA sum V and U over a stage; in bf16 (8 significant bits) a sum stops
+  taking in increments below half its ulp. Without accumulator_dtype, bf16 params
+  warn at init; an explicit dtype (float32, or bf16 knowingly) does not. The EMAs
+  of ProxGen/ProxSGD/ProxSSI do not grow: no warning."""
+  params = make_params(jnp.bfloat16)
+  sums = name in ("ramda", "rmda")
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    build(name, accumulator_dtype=None).init(params)
+  msgs = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+  assert any("accumulator_dtype=jnp.float32" in m for m in msgs) == sums, msgs
+  for acc in (jnp.float32, jnp.bfloat16):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      build(name, accumulator_dtype=acc).init(params)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -9,6 +9,7 @@ checked on the host without a sync, so they are left alone.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -126,19 +127,43 @@ def accumulator_dtype(value: Any) -> Any:
   return dt
 
 
+def _name(path: Any) -> str:
+  return jax.tree_util.keystr(path) or "(the params array)"
+
+
 def check_dual_average_dtypes(params: Any) -> None:
-  """float16 params need a wider accumulator for the dual averages.
+  """Low-precision params need a wider accumulator for the dual averages.
 
   ``V = sum_i s_i g_i`` and ``U = sum_i s_i g_i^2`` with ``s_i = lr sqrt(i)``
-  grow like ``k^1.5`` within a stage and can pass float16's largest value (65504)
-  after a few thousand steps, and then the params become NaN.
+  grow like ``k^1.5`` within a stage. In float16 they can pass its largest value
+  (65504) after a few thousand steps, and then the params become NaN: refused.
+  In bfloat16 (8 significant bits) an increment below half an ulp of the sum is
+  lost, so after a few hundred comparable steps the sums stop taking in new
+  gradients: a warning, unless the bfloat16 state was asked for
+  (``accumulator_dtype=jnp.bfloat16``; this check only runs without one).
   """
+  bf16 = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     if jnp.result_type(leaf) == jnp.float16:
       raise ValueError(
-          f"parameter {jax.tree_util.keystr(path)} is float16. The dual averages "
+          f"parameter {_name(path)} is float16. The dual averages "
           "V and U (ALGORITHMS.md §2-3) grow with the step count and can leave "
           "float16's range (65504) within a few thousand steps. Pass "
           "accumulator_dtype=jnp.float32 (x0, V and U in float32; the params "
           "stay float16), or use bfloat16 params."
       )
+    if jnp.result_type(leaf) == jnp.bfloat16:
+      bf16.append(_name(path))
+  if bf16:
+    more = f" (and {len(bf16) - 1} more)" if len(bf16) > 1 else ""
+    warnings.warn(
+        f"parameter {bf16[0]}{more} is bfloat16, so the dual averages V and U "
+        "(ALGORITHMS.md §2-3) would be summed in bfloat16: once a step's increment "
+        "is below half an ulp of the sum (8 significant bits, after a few hundred "
+        "steps) new gradients are lost and training stalls. Pass "
+        "accumulator_dtype=jnp.float32 (x0, V and U in float32, the params stay "
+        "bfloat16), or accumulator_dtype=jnp.bfloat16 to keep bfloat16 state "
+        "knowingly and silence this warning.",
+        UserWarning,
+        stacklevel=2,
+    )
