@@ -220,9 +220,12 @@ def exact_solve(
 
   Leaves with the same grouping, shape and dtype are solved stacked, in
   batches of up to :data:`MAX_STACK` leaves (each group is independent, so
-  every leaf's result equals its solo solve, up to the summation order where
-  one of the two is chunked;
-  ``tests/test_performance_exact.py``). Batches share one
+  every leaf's result equals its solo solve up to rounding: XLA may order a
+  group's sums differently in a stacked, a single or a chunked layout, and
+  the last bits of ``z`` can then differ, e.g. 1-2 ulps in a few hundred of
+  the entries of a ``(64, 32)`` leaf in float64; ``tests/test_exact.py``,
+  ``tests/test_performance_exact.py``). Adding a leaf of the same shape to a
+  model can therefore change other leaves' trajectories in the last bits. Batches share one
   ``lax.while_loop``, except large batches on a single CPU device (at least
   :data:`CHUNK_FROM` entries), which are solved chunk by chunk of their
   groups, each chunk's whole solve while it is in cache (:func:`_chunking`).

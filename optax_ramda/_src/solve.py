@@ -49,18 +49,22 @@ class SolveState(NamedTuple):
     relative_decrease: per leaf, PG (group and nuclear): ``(prev - cur) /
       (|cur| + 1)`` at the stop, the quantity of the paper's stopping test (0
       where no iteration ran, and for the exact solver).
-    residual: per leaf, how far the returned ``z`` is from optimal: the norm
-      of the minimum-norm subgradient of the subproblem objective ``Q`` at
-      ``z`` (ALGORITHMS.md §6; 0 at the exact solution), summed over groups in
-      quadrature, in the units of ``V``. Always measured by the exact solver
-      (from its last Newton evaluation); 0 for closed-form leaves (scalar
-      metric), unregularized leaves and leaves needing no iteration (all
-      groups screened). ``-1`` (``solvers.NOT_MEASURED``; a norm is never
-      negative, and -1 keeps the state finite, unlike NaN, which would trip
-      ``jax_debug_nans``) where it was not measured: PG leaves without
-      ``track_residual`` or ``subgradient_tol``, nuclear-norm PG leaves
-      (which report only ``relative_decrease``), and every leaf before the
-      first step.
+    residual: per leaf, how far the returned ``z`` is from optimal, in the units
+      of ``V``, summed over groups in quadrature. PG solvers: the norm of the
+      minimum-norm subgradient of the subproblem objective ``Q`` at ``z``
+      (ALGORITHMS.md §6; 0 at the exact solution). Exact solver: the residual of
+      each group's secular equation at its last Newton evaluation, ``t (1/||q||
+      - 1)``, which does not include the rounding of ``z`` itself;
+      ``solvers.subgradient_norm`` measures that (e.g. 8.4e-13 reported against
+      a subgradient norm of 1.1e-7 on a float64 leaf with ``P`` over 1e-8..1e8
+      and ``||b||`` about 1e9: both at round-off level, but not the same
+      quantity, so compare solvers with ``subgradient_norm``). 0 for closed-form
+      leaves (scalar metric), unregularized leaves and leaves needing no
+      iteration (all groups screened). ``-1`` (``solvers.NOT_MEASURED``; a norm
+      is never negative, and -1 keeps the state finite, unlike NaN, which would
+      trip ``jax_debug_nans``) where it was not measured: PG leaves without
+      ``track_residual`` or ``subgradient_tol``, nuclear-norm PG leaves (which
+      report only ``relative_decrease``), and every leaf before the first step.
     solve_count: number of solves so far (scalar int32); the argument of a
       ``subgradient_tol`` schedule.
 
