@@ -61,3 +61,13 @@ def test_overflowed_sum_of_squares_freezes_the_leaf_instead_of_nan():
   for opt in (optax_ramda.ramda(0.05), optax.contrib.madgrad(0.05)):
     u, _ = opt.update(g, opt.init(p), p)
     np.testing.assert_array_equal(np.asarray(optax.apply_updates(p, u)), np.ones(3))
+  # Regularized: the group solvers cannot use P = inf and give NaN, loudly; a NaN P
+  # made the screen zero the group, i.e. pull the params to 0 without a sign.
+  p = {"w": jnp.ones((4, 3))}
+  g = {"w": jnp.full((4, 3), 1e25)}
+  reg = optax_ramda.group_lasso({"w": optax_ramda.GroupSpec((1,))})
+  for solver in ("exact", "pg"):
+    opt = optax_ramda.ramda(0.05, 1e-3, reg, solver=solver)
+    u, _ = opt.update(g, opt.init(p), p)
+    new = np.asarray(optax.apply_updates(p, u)["w"])
+    assert not np.any(np.isfinite(new) & (new != 1)), new  # unchanged or NaN, never moved

@@ -464,14 +464,17 @@ def test_grouped_convs_take_filter_groups_and_refuse_channel_groups():
       self.pw = nnx.Conv(8, 4, (1, 1), rngs=rngs)
 
   model = Net2(nnx.Rngs(0))
-  # conv="channel" gave the depthwise kernel (3, 3, 1, 8) one group for the layer.
-  with pytest.raises(ValueError, match=r"dw/kernel .*grouped Conv.*conv='filter'"):
-    presets.from_nnx(model)
   params = nnx.state(model, nnx.Param)
+  # conv="channel" gave the depthwise kernel (3, 3, 1, 8) one group for the whole
+  # layer. Its channel c has one filter, kernel[..., 0, c]: that is its group.
+  # The 2-group conv's channel groups cannot be written as reduce axes: refused.
+  with pytest.raises(ValueError, match=r"gc/kernel .*grouped Conv.*conv='filter'"):
+    presets.from_nnx(model)
+  got = axes_by_path(presets.from_nnx(model, overrides={"gc/kernel": None}), params)
+  assert got["dw/kernel"] == (0, 1, 2) and got["pw/kernel"] == (0, 1, 3)
+  assert got["gc/kernel"] is None
   got = axes_by_path(presets.from_nnx(model, conv="filter"), params)
   assert got["dw/kernel"] == got["gc/kernel"] == got["pw/kernel"] == (0, 1, 2)
-  ok = presets.from_nnx(model, overrides={"dw/kernel": None, "gc/kernel": None})
-  assert axes_by_path(ok, params)["pw/kernel"] == (0, 1, 3)
 
 
 def test_linen_out_kernel_is_attention_only_beside_query_key_value():
@@ -494,3 +497,33 @@ def test_head_sparsity_root_module_and_grouped_query_attention():
   # (was: {} for a module at the root, and a broadcasting error with fewer kv heads)
   got = presets.head_sparsity(nnx.state(mha, nnx.Param))
   np.testing.assert_array_equal(got[""], [False, True, False, False])
+
+
+def test_linen_refusals_only_where_automatic_names_tell_the_layer():
+  # Self-attention made of 1x1 convs named query/key/value/out (SAGAN style) is a
+  # plain conv layer: channel groups, as before stacked layers were refused.
+  class ConvAttention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      q, k = nn.Conv(2, (1, 1), name="query")(x), nn.Conv(2, (1, 1), name="key")(x)
+      v = nn.Conv(4, (1, 1), name="value")(x)
+      return nn.Conv(4, (1, 1), name="out")(v * (q * k).sum(-1, keepdims=True))
+
+  params = ConvAttention().init(jax.random.key(0), jnp.ones((1, 4, 4, 4)))["params"]
+  got = axes_by_path(presets.from_params(params), params)
+  assert {got[f"{p}/kernel"] for p in PROJ} == {(0, 1, 3)}
+
+
+def test_stacked_edge_cases():
+  params = _linen_scanned_params()
+  # A per-layer scalar (unstacked: a 0-d "scale") stacks to (layers,): unregularized.
+  blocks = {**params["blocks"], "scale": jnp.ones(3)}
+  params = {**params, "blocks": blocks}
+  got = axes_by_path(presets.from_params(params, stacked=["blocks"]), params)
+  assert got["blocks/scale"] is None
+  # Patterns match whole module paths: on the prefixed tree, "blocks" matches nothing,
+  # and the refusal says so.
+  with pytest.raises(ValueError, match=r"stacked=\['blocks'\] matches no module.*params/blocks"):
+    presets.from_params({"params": params}, stacked=["blocks"])
+  reg = presets.from_params({"params": params}, stacked=["params/blocks"])
+  assert axes_by_path(reg, {"params": params})["params/blocks/Dense_0/kernel"] == (2,)

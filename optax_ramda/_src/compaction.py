@@ -156,6 +156,10 @@ def _chain(model: Any) -> list[tuple[str, Any]]:
   )
 
 
+# The weights of the layers whose subclasses must add none (see _refuse_subclass).
+_BASE_PARAMS = {nnx.Linear: ("kernel", "bias"), nnx.Conv: ("kernel", "bias")}
+
+
 def _refuse_subclass(name: str, layer: Any) -> None:
   """A subclass of a layer compact rewrites must compute what the layer does.
 
@@ -177,8 +181,6 @@ def _refuse_subclass(name: str, layer: Any) -> None:
           f"nnx.{base.__name__} first (for LoRA: kernel + lora_a @ lora_b), or leave the "
           "model uncompacted.")
 
-
-_BASE_PARAMS = {nnx.Linear: ("kernel", "bias"), nnx.Conv: ("kernel", "bias")}
 
 
 def _check(name: str, layer: Any) -> str:

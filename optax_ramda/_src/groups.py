@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -218,6 +218,7 @@ def resolve(
             masked={path for path, p in p_leaves if isinstance(p, MaskedNode)},
             nones=[path for path, x in jax.tree_util.tree_flatten_with_path(
                 params, is_leaf=lambda x: x is None)[0] if x is None],
+            entries=dict(s_flat),
         ))
   out = []
   for (path, p), s in zip(p_leaves, s_leaves):
@@ -275,13 +276,23 @@ def _mismatch_message(
     s_def: Any,
     masked: Collection[tuple[Any, ...]] = (),
     nones: Sequence[tuple[Any, ...]] = (),
+    entries: Mapping[tuple[Any, ...], Any] | None = None,
 ) -> str:
   """Why a spec tree does not match the params, naming the first bad path.
 
   ``masked``: the params' paths that hold an ``optax.MaskedNode`` (leaves that
   ``optax.masked`` or ``optax.partition`` keep from this optimizer); ``nones``:
-  the paths where the params hold ``None`` (an empty subtree).
+  the paths where the params hold ``None`` (an empty subtree); ``entries``: the
+  spec's entry at each of its paths.
   """
+  entries = entries or {}
+  filled = [q for q in nones if q in entries and entries[q] is not None]
+  if filled:
+    q = filled[0]
+    return (
+        f"the group spec tree does not match the params tree: the params hold None at "
+        f"{jax.tree_util.keystr(q)} (no array there, e.g. a layer without bias), but the "
+        f"spec gives it {entries[q]!r}. Give it None.")
   keystr = jax.tree_util.keystr
   head = "the group spec tree does not match the params tree: "
   rule = (

@@ -82,7 +82,9 @@ def cube_root(u: jax.Array, offset: Any = 0) -> jax.Array:
   y = y - (y - a / (y * y)) * (1 / 3)
   # Step 5: exact, as scaling by a power of two commutes with rounding. A
   # non-finite u passes through (cbrt(inf) = inf, NaN stays NaN): an overflowed
-  # U then gives P = inf, a step of 0, instead of NaN params.
+  # U gives P = inf, a zero step for an unregularized entry (as madgrad), and NaN
+  # from the group solvers for a regularized one, where a NaN P made the screen
+  # zero the group silently.
   off = jnp.asarray(offset, work)
   num = jnp.where(jnp.isfinite(u), y * pos.astype(work) + off * unscale, u)
   return (num / unscale).astype(dt)

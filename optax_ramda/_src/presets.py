@@ -77,29 +77,46 @@ UNREGULARIZED_MODULES = (
 ATTENTION_MODULES = ("MultiHeadAttention", "MultiHeadDotProductAttention", "SelfAttention")
 
 Override = GroupSpec | str | None
-# from_nnx's module type for an nnx.Conv with feature_group_count > 1.
+# from_nnx's module types for an nnx.Conv with feature_group_count > 1: depthwise with
+# one output per input channel (its channel groups are its filters), and the others.
+DEPTHWISE_CONV = "Conv(depthwise)"
 GROUPED_CONV = "Conv(feature_group_count>1)"
-_LINEN_DENSE = re.compile(r"(Dense|DenseGeneral)_\d+")
+# Linen's automatic names, which tell a layer's type from params alone.
+_LINEN_DENSE = re.compile(r"Dense_\d+")
+_LINEN_DENSE_GENERAL = re.compile(r"DenseGeneral_\d+")
+_LINEN_ATTENTION = re.compile(
+    r"(MultiHeadDotProductAttention|MultiHeadAttention|SelfAttention)_\d+")
 
 
 def _refuse_linen_stacked(
-    path: str, parent: str, shape: tuple[int, ...], linen_attention: bool
+    names: tuple[str, ...], shape: tuple[int, ...], stacked: tuple[str, ...]
 ) -> None:
   """Linen kernels whose rank says "stacked by nn.scan/nn.vmap", refused rather than
-  grouped across layers (from_params sees shapes only)."""
-  dense = _LINEN_DENSE.fullmatch(parent) is not None and len(shape) >= 3
-  attention = linen_attention and len(shape) >= 4
-  if not (dense or attention):
+  grouped across layers (from_params sees shapes only; only Linen's automatic module
+  names tell the layer type: ``Dense_0``, ``MultiHeadDotProductAttention_0``)."""
+  path = "/".join(names)
+  parent = names[-2] if len(names) > 1 else ""
+  grandparent = names[-3] if len(names) > 2 else ""
+  if _LINEN_DENSE.fullmatch(parent) and len(shape) >= 3:
+    what, alt = f"a Dense layer ({parent}), whose kernel is (in, out)", ""
+  elif _LINEN_DENSE_GENERAL.fullmatch(parent) and len(shape) >= 3:
+    what = f"a DenseGeneral ({parent})"
+    alt = (f" If it has several feature axes instead, give it a group: "
+           f"overrides={{'{path}': GroupSpec(...)}}.")
+  elif (parent in PROJ_NAMES and _LINEN_ATTENTION.fullmatch(grandparent)
+        and len(shape) >= 4):
+    what, alt = "an attention projection (rank 3 unstacked)", ""
+  else:
     return
-  what = ("an attention projection" if attention else
-          f"a Dense layer ({parent}), whose kernel is (in, out)")
+  tried = (f" (stacked={list(stacked)} matches no module on this path: patterns match "
+           "the whole module path, e.g. 'params/blocks' when the tree starts with "
+           "'params')") if stacked else ""
   raise ValueError(
       f"parameter {path} has shape {shape}, of rank {len(shape)}, but is the kernel of "
       f"{what}: most likely a layer stacked by nn.scan/nn.vmap (a leading layer axis), "
       "whose groups would otherwise span all layers. Pass stacked=['<path of the "
-      "scanned module>'] (one leading axis per match), e.g. stacked=['blocks']; for a "
-      f"DenseGeneral with several feature axes, overrides={{'{path}': GroupSpec(...)}}.")
-
+      f"scanned module>'] (one leading axis per match), e.g. stacked=['blocks']{tried}."
+      f"{alt}")
 
 
 def path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
@@ -189,17 +206,17 @@ class _Classifier:
     if hit:
       return value
     if stacked:
-      if len(shape) <= stacked:
+      if len(shape) < stacked:
         raise ValueError(
-            f"parameter {path} has shape {shape}: nothing is left besides its {stacked} "
-            "stacked layer axes. Check `stacked`, or give it an override.")
-      spec = self._classify(names, shape[stacked:], module, attention_module, path)
+            f"parameter {path} has shape {shape}: fewer axes than its {stacked} stacked "
+            "layer axes. Check `stacked`, or give it an override.")
+      spec = self._classify(names, shape[stacked:], module, attention_module, path, stacked)
       if not isinstance(spec, GroupSpec):
         return spec
       return GroupSpec(tuple(a + stacked for a in spec.reduce_axes), tie=spec.tie)
     return self._classify(names, shape, module, attention_module, path)
 
-  def _classify(self, names, shape, module, attention_module, path) -> Override:
+  def _classify(self, names, shape, module, attention_module, path, stacked=0) -> Override:
     leaf = names[-1] if names else ""
     parent = names[-2] if len(names) > 1 else ""
     linen_attention = module is None and parent in PROJ_NAMES and (
@@ -207,15 +224,18 @@ class _Classifier:
     in_attention = module in ATTENTION_MODULES or (linen_attention and len(shape) == 3)
     if module in UNREGULARIZED_MODULES or leaf in UNREGULARIZED_NAMES:
       return None
-    if leaf == "kernel" and module is None:
-      _refuse_linen_stacked(path, parent, shape, linen_attention)
+    if leaf == "kernel" and module is None and not stacked:
+      _refuse_linen_stacked(names, shape, self.stacked)
+    if leaf == "kernel" and module == DEPTHWISE_CONV:
+      # (*window, 1, channels): channel c's only weights are its filter.
+      return None if self.conv is None else GroupSpec(CONV["filter"](len(shape)))
     if leaf == "kernel" and module == GROUPED_CONV:
       if self.conv == "channel":
         raise ValueError(
             f"parameter {path} (shape {shape}) is the kernel of a grouped Conv "
             "(feature_group_count > 1): its input axis holds only one group's channels, "
             "so conv='channel' would put input channels of different feature groups "
-            "(all channels of a depthwise conv) into one group. Use conv='filter' (one "
+            "into one group. Use conv='filter' (one "
             f"group per output channel), or overrides={{'{path}': GroupSpec(...)}} or "
             f"{{'{path}': None}}.")
       return None if self.conv is None else GroupSpec(CONV[self.conv](len(shape)))
@@ -436,9 +456,10 @@ def from_params(
 
   * layers stacked by ``nn.scan``/``nn.vmap`` carry a leading layer axis: name
     their module in ``stacked`` and every layer gets its own groups. Unnamed,
-    a scanned Dense (``Dense_0``) or attention kernel is refused (its rank
-    gives it away), but a stacked kernel of a module with another name looks
-    like a Conv kernel and would be grouped across layers;
+    a scanned kernel under one of Linen's automatic module names (``Dense_0``,
+    ``DenseGeneral_0``, ``MultiHeadDotProductAttention_0/query``) is refused
+    (its rank gives it away), but a stacked kernel of a module with another
+    name looks like a Conv kernel and would be grouped across layers;
   * a grouped or depthwise Conv (``feature_group_count > 1``) looks like any
     Conv; ``conv="channel"`` would mix the feature groups' input channels in
     one group. Give such kernels ``GroupSpec`` overrides (filter-wise: all axes
@@ -506,10 +527,12 @@ def from_nnx(
 
   Layers stacked by ``nnx.vmap``/``nnx.scan`` (a kernel with more leading axes
   than its layer type has) get groups per layer: the leading axes are never
-  reduced over. A grouped or depthwise ``nnx.Conv`` (``feature_group_count >
-  1``) takes ``conv="filter"`` (one group per output channel); with
-  ``conv="channel"`` it raises, as its input axis holds one feature group's
-  channels only.
+  reduced over. A depthwise ``nnx.Conv`` (``feature_group_count == in_features
+  == out_features``) has one filter per channel, which is that channel's
+  group for both ``conv`` choices. Another grouped ``nnx.Conv``
+  (``feature_group_count > 1``) takes ``conv="filter"`` (one group per output
+  channel); with ``conv="channel"`` it raises, as its input axis holds one
+  feature group's channels only.
 
   The result works with ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and with
   ``nnx.state(model, nnx.Param)``, and inside ``optax.masked``/``partition``.
@@ -547,7 +570,9 @@ def from_nnx(
       if parent in ATTENTION_MODULES:
         return parent
     if owner == "Conv" and getattr(modules[names[:-1]], "feature_group_count", 1) != 1:
-      return GROUPED_CONV
+      conv = modules[names[:-1]]
+      depthwise = conv.feature_group_count == conv.in_features == conv.out_features
+      return DEPTHWISE_CONV if depthwise else GROUPED_CONV
     return owner
 
   def stacked_of(names: tuple[str, ...], shape: tuple[int, ...]) -> int:

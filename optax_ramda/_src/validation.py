@@ -50,13 +50,15 @@ def concrete_scalar(name: str, value: Any) -> float | None:
 
 
 def _scheduled_zero(value: Any, v: float, allow: bool) -> bool:
-  """Whether ``v == 0`` is a scheduled value rather than a constant that is a mistake.
+  """Whether ``v == 0`` may be a scheduled value rather than a constant that is a mistake.
 
   ``optax.inject_hyperparams`` rebuilds the optimizer with every hyperparameter as a
   ``jax.Array`` (eagerly: a concrete one), and schedules such as
-  ``optax.warmup_cosine_decay_schedule(0.0, ...)`` pass through 0. A step with a
-  learning rate or momentum of 0 leaves the params as they are, so such a value is
-  accepted when it arrives as a ``jax.Array``; a Python or numpy 0 is refused.
+  ``optax.warmup_cosine_decay_schedule(0.0, ...)`` pass through 0. A learning rate
+  or momentum of 0 is a valid step (it takes in no new gradient; RAMDA/RMDA still
+  move toward the subproblem's solution, ProxSGD still applies the prox), so a
+  ``jax.Array`` 0 is accepted: it cannot be told from a schedule's value. A Python
+  or NumPy 0, the likely mistake, is refused.
   """
   return allow and v == 0 and isinstance(value, jax.Array)
 
@@ -65,8 +67,7 @@ def check_positive(name: str, value: Any, scheduled_zero: bool = False) -> None:
   """``0 < value < inf``; with ``scheduled_zero``, a ``jax.Array`` 0 also passes."""
   v = concrete_scalar(name, value)
   if v is not None and not 0 < v < math.inf and not _scheduled_zero(value, v, scheduled_zero):
-    also = (" (a schedule, or a jax.Array under optax.inject_hyperparams, may pass "
-            "through 0)") if scheduled_zero else ""
+    also = " (a schedule may pass through 0)" if scheduled_zero else ""
     raise ValueError(
         f"{name} must be finite and > 0, got {v}. Pass a positive {name}{also}.")
 
@@ -84,7 +85,8 @@ def check_momentum(name: str, value: Any) -> None:
     raise ValueError(
         f"{name} (the interpolation weight c) must lie in (0, 1], got {v}. "
         "c = 1 makes x equal the subproblem solution z; small c (0.01-0.1) "
-        "averages; c = 0 would never move x (a schedule may pass through 0). "
+        "averages; a constant c = 0 would take in no gradient (a schedule may "
+        "pass through 0). "
         "Note this is 1 - (MADGRAD/SGD momentum)."
     )
 
