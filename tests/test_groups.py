@@ -57,7 +57,7 @@ def test_params_with_none_holes():
   with pytest.raises(ValueError, match=r"params hold None at \['dense'\]\['bias'\].*None"):
     optax_ramda.ramda(0.1, 1.0, optax_ramda.group_lasso(
         {"dense": {"kernel": GroupSpec((1,))}, "w": None})).init(params)
-  with pytest.raises(ValueError, match=r"None at \['dense'\]\['bias'\].*gives it GroupSpec"):
+  with pytest.raises(ValueError, match=r"None at \['dense'\]\['bias'\].*spec regularizes it"):
     optax_ramda.ramda(0.1, 1.0, optax_ramda.group_lasso(
         {"dense": {"kernel": GroupSpec((1,)), "bias": GroupSpec(())}, "w": None})).init(params)
 

@@ -523,7 +523,38 @@ def test_stacked_edge_cases():
   assert got["blocks/scale"] is None
   # Patterns match whole module paths: on the prefixed tree, "blocks" matches nothing,
   # and the refusal says so.
-  with pytest.raises(ValueError, match=r"stacked=\['blocks'\] matches no module.*params/blocks"):
+  with pytest.raises(ValueError, match=r"stacked=\['blocks'\] matches no module.*'params/'"):
     presets.from_params({"params": params}, stacked=["blocks"])
   reg = presets.from_params({"params": params}, stacked=["params/blocks"])
   assert axes_by_path(reg, {"params": params})["params/blocks/Dense_0/kernel"] == (2,)
+
+
+def test_nested_scans_need_every_stacked_module_named():
+  class Inner(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.relu(nn.Dense(8)(x)), None
+
+  class Outer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      inner = nn.scan(Inner, variable_axes={"params": 0}, split_rngs={"params": True},
+                      length=2)(name="inner")
+      return inner(x, None)[0], None
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      outer = nn.scan(Outer, variable_axes={"params": 0}, split_rngs={"params": True},
+                      length=3)(name="outer")
+      return outer(x, None)[0]
+
+  params = Net().init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+  assert params["outer"]["inner"]["Dense_0"]["kernel"].shape == (3, 2, 8, 8)
+  # Only the outer scan named: the kernel left, (2, 8, 8), is still stacked.
+  with pytest.raises(ValueError, match=r"after its 1 stacked axes.*name the inner module"):
+    presets.from_params(params, stacked=["outer"])
+  reg = presets.from_params(params, stacked=["outer", "outer/inner"])
+  got = axes_by_path(reg, params)
+  assert got["outer/inner/Dense_0/kernel"] == (3,)  # one group per (outer, inner, row)
+  assert reg.leaves(params)["outer"]["inner"]["Dense_0"]["kernel"].num_groups == 3 * 2 * 8

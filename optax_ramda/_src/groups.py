@@ -292,7 +292,7 @@ def _mismatch_message(
     return (
         f"the group spec tree does not match the params tree: the params hold None at "
         f"{jax.tree_util.keystr(q)} (no array there, e.g. a layer without bias), but the "
-        f"spec gives it {entries[q]!r}. Give it None.")
+        "spec regularizes it. Give it None (False in an l1 mask).")
   keystr = jax.tree_util.keystr
   head = "the group spec tree does not match the params tree: "
   rule = (

@@ -89,11 +89,14 @@ _LINEN_ATTENTION = re.compile(
 
 
 def _refuse_linen_stacked(
-    names: tuple[str, ...], shape: tuple[int, ...], stacked: tuple[str, ...]
+    names: tuple[str, ...], shape: tuple[int, ...], stacked: tuple[str, ...], named: int
 ) -> None:
   """Linen kernels whose rank says "stacked by nn.scan/nn.vmap", refused rather than
   grouped across layers (from_params sees shapes only; only Linen's automatic module
-  names tell the layer type: ``Dense_0``, ``MultiHeadDotProductAttention_0``)."""
+  names tell the layer type: ``Dense_0``, ``MultiHeadDotProductAttention_0``).
+
+  ``shape`` is what is left after the ``named`` leading axes that ``stacked`` names.
+  """
   path = "/".join(names)
   parent = names[-2] if len(names) > 1 else ""
   grandparent = names[-3] if len(names) > 2 else ""
@@ -101,21 +104,29 @@ def _refuse_linen_stacked(
     what, alt = f"a Dense layer ({parent}), whose kernel is (in, out)", ""
   elif _LINEN_DENSE_GENERAL.fullmatch(parent) and len(shape) >= 3:
     what = f"a DenseGeneral ({parent})"
-    alt = (f" If it has several feature axes instead, give it a group: "
+    alt = (" Or it has several input or feature axes: then give it a group, "
            f"overrides={{'{path}': GroupSpec(...)}}.")
   elif (parent in PROJ_NAMES and _LINEN_ATTENTION.fullmatch(grandparent)
         and len(shape) >= 4):
     what, alt = "an attention projection (rank 3 unstacked)", ""
   else:
     return
-  tried = (f" (stacked={list(stacked)} matches no module on this path: patterns match "
-           "the whole module path, e.g. 'params/blocks' when the tree starts with "
-           "'params')") if stacked else ""
+  if named:
+    tried = (f" `stacked` names {named} leading axis(es) here; if it is stacked again "
+             "(an nn.scan inside an nn.scan), name the inner module too.")
+  elif stacked:
+    tried = (f" (stacked={list(stacked)} matches no module on this path; patterns match "
+             "the whole module path from the root of the tree"
+             + (", here starting with 'params/'" if path.startswith("params/") else "")
+             + ")")
+  else:
+    tried = ""
+  left = f" (after its {named} stacked axes)" if named else ""
   raise ValueError(
-      f"parameter {path} has shape {shape}, of rank {len(shape)}, but is the kernel of "
-      f"{what}: most likely a layer stacked by nn.scan/nn.vmap (a leading layer axis), "
+      f"parameter {path} has shape {shape}{left}, of rank {len(shape)}, but is the kernel "
+      f"of {what}: most likely a layer stacked by nn.scan/nn.vmap (a leading layer axis), "
       "whose groups would otherwise span all layers. Pass stacked=['<path of the "
-      f"scanned module>'] (one leading axis per match), e.g. stacked=['blocks']{tried}."
+      f"scanned module>'] (one leading axis per match), e.g. stacked=['blocks'].{tried}"
       f"{alt}")
 
 
@@ -224,8 +235,8 @@ class _Classifier:
     in_attention = module in ATTENTION_MODULES or (linen_attention and len(shape) == 3)
     if module in UNREGULARIZED_MODULES or leaf in UNREGULARIZED_NAMES:
       return None
-    if leaf == "kernel" and module is None and not stacked:
-      _refuse_linen_stacked(names, shape, self.stacked)
+    if leaf == "kernel" and module is None:
+      _refuse_linen_stacked(names, shape, self.stacked, stacked)
     if leaf == "kernel" and module == DEPTHWISE_CONV:
       # (*window, 1, channels): channel c's only weights are its filter.
       return None if self.conv is None else GroupSpec(CONV["filter"](len(shape)))
@@ -251,8 +262,9 @@ class _Classifier:
     if leaf == "kernel" and module in (None, "Conv", "ConvTranspose") and len(shape) >= 3:
       return None if self.conv is None else GroupSpec(CONV[self.conv](len(shape)))
     what = f"a {module} module" if module else "an unrecognised layer"
+    stack = f" after its {stacked} stacked layer axes" if stacked else ""
     raise ValueError(
-        f"the preset cannot classify parameter {path} (shape {shape}, in {what}). "
+        f"the preset cannot classify parameter {path} (shape {shape}{stack}, in {what}). "
         f"Give it a group with overrides={{'{path}': GroupSpec(reduce_axes=...)}}, or "
         f"overrides={{'{path}': None}} to leave it unregularized."
     )

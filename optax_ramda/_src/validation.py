@@ -55,10 +55,11 @@ def _scheduled_zero(value: Any, v: float, allow: bool) -> bool:
   ``optax.inject_hyperparams`` rebuilds the optimizer with every hyperparameter as a
   ``jax.Array`` (eagerly: a concrete one), and schedules such as
   ``optax.warmup_cosine_decay_schedule(0.0, ...)`` pass through 0. A learning rate
-  or momentum of 0 is a valid step (it takes in no new gradient; RAMDA/RMDA still
-  move toward the subproblem's solution, ProxSGD still applies the prox), so a
-  ``jax.Array`` 0 is accepted: it cannot be told from a schedule's value. A Python
-  or NumPy 0, the likely mistake, is refused.
+  or momentum of 0 gives a finite step (with lr = 0, RAMDA/RMDA still move ``x``
+  toward the solution of the last subproblem, ProxSGD and ProxGen stand still;
+  with momentum 0, RAMDA/RMDA keep ``x`` and ProxSGD's average takes in no
+  gradient), so a ``jax.Array`` 0 is accepted: it cannot be told from a
+  schedule's value. A Python or NumPy 0, the likely mistake, is refused.
   """
   return allow and v == 0 and isinstance(value, jax.Array)
 
@@ -85,8 +86,8 @@ def check_momentum(name: str, value: Any) -> None:
     raise ValueError(
         f"{name} (the interpolation weight c) must lie in (0, 1], got {v}. "
         "c = 1 makes x equal the subproblem solution z; small c (0.01-0.1) "
-        "averages; a constant c = 0 would take in no gradient (a schedule may "
-        "pass through 0). "
+        "averages; a constant c = 0 would never move x (RAMDA/RMDA) or let "
+        "ProxSGD's average take in no gradient (a schedule may pass through 0). "
         "Note this is 1 - (MADGRAD/SGD momentum)."
     )
 
