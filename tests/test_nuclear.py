@@ -91,8 +91,31 @@ def test_bad_input():
   with pytest.raises(ValueError, match="rtol"):
     optax_ramda.nuclear_norm(rtol=-1e-3)
   opt = optax_ramda.ramda(0.1, 1e-3, optax_ramda.nuclear_norm({"w": NuclearSpec()}))
-  with pytest.raises(ValueError, match="2-D"):
-    opt.init({"w": jnp.ones(4)})
+  with pytest.raises(ValueError, match=r"1-D leaf has no matrix.*Give it None"):
+    opt.init({"w": jnp.ones(4)})  # (the message suggested a split that cannot exist)
+  # A numpy integer split is an int; a single NuclearSpec from a spec function
+  # covers every leaf, as a single GroupSpec does.
+  assert NuclearSpec(split=np.int64(1)).split == 1
+  params = {"a": jnp.ones((3, 2)), "b": jnp.ones((2, 4))}
+  one = optax_ramda.nuclear_norm(lambda p: NuclearSpec()).leaves(params)
+  assert one["a"].shape == (3, 2) and one["b"].shape == (2, 4)
+  # ProxSSI has no nuclear solver: its message names prox_adamw, not a solver argument.
+  with pytest.raises(ValueError, match=r"prox_ssi .*nuclear norm.*prox_adamw"):
+    optax_ramda.prox_ssi(1e-3, 1e-4, optax_ramda.nuclear_norm({"w": NuclearSpec()}))
+
+
+def test_bf16_leaves_value_prox_and_low_rank_level():
+  # jnp.linalg.svd has no bf16 kernel: these raised NotImplementedError after a bf16
+  # training run (the optimizers already solved in float32).
+  p = {"w": jnp.asarray(np.arange(24.0).reshape(6, 4) % 5, jnp.bfloat16)}
+  reg = optax_ramda.nuclear_norm({"w": NuclearSpec()})
+  ref = np.linalg.svd(np.asarray(p["w"], np.float32), compute_uv=False).sum()
+  np.testing.assert_allclose(float(reg.value(p)), ref, rtol=1e-2)
+  sv = np.linalg.svd(np.asarray(p["w"], np.float32), compute_uv=False)
+  z = reg.prox(p, float(sv[1] + sv[0]) / 2)  # keeps only the largest singular value
+  assert z["w"].dtype == jnp.bfloat16
+  assert float(optax_ramda.low_rank_level(p, reg)) == 0
+  assert float(optax_ramda.low_rank_level(z, reg)) == 0.75  # rank 1 of 4
   with pytest.raises(TypeError, match="complex64 but is regularized; only real"):
     optax_ramda.nuclear_norm({"w": NuclearSpec()}).value({"w": jnp.ones((2, 3), jnp.complex64)})
 

@@ -64,3 +64,15 @@ def test_l1_mask_tree_and_callable():
 def test_regularizer_is_not_callable():
   # optax.inject_hyperparams treats callables as schedules.
   assert not callable(optax_ramda.group_lasso(GroupSpec(())))
+
+
+def test_messages_for_masks_and_specs_of_the_wrong_kind():
+  params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+  # An elementwise mask was numpy's "truth value of an array is ambiguous".
+  with pytest.raises(ValueError, match=r"one bool per parameter leaf.*shape \(4, 3\)"):
+    optax_ramda.l1({"w": jnp.array([[True, False, True]] * 4), "b": False}).leaves(params)
+  with pytest.raises(TypeError, match=r"NuclearSpec belongs in optax_ramda.nuclear_norm"):
+    optax_ramda.group_lasso({"w": optax_ramda.NuclearSpec(), "b": None}).leaves(params)
+  # numpy integers are integers
+  assert optax_ramda.GroupSpec(np.int64(1)).reduce_axes == (1,)
+  assert optax_ramda.GroupSpec((np.int32(0), 1)).reduce_axes == (0, 1)

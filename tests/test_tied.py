@@ -318,3 +318,18 @@ def test_training_zeroes_whole_heads(make):
   assert np.all(flags == flags[:1]), flags
   assert flags[0].any() and not flags[0].all(), flags
   np.testing.assert_array_equal(presets.head_sparsity(nnx.state(model, nnx.Param))["att"], flags[0])
+
+
+def test_a_tie_split_by_a_mask_is_refused():
+  # With "b" masked out, the optimizer saw "a" alone and solved its rows as groups of
+  # their own, while structure() and the regularizer's value count joint groups.
+  params = {"a": jnp.ones((4, 3)), "b": jnp.ones((4, 2)), "c": jnp.ones((4, 2))}
+  reg = optax_ramda.group_lasso({"a": GroupSpec((1,), tie="t"), "b": GroupSpec((1,), tie="t"),
+                                 "c": GroupSpec((1,), tie="u")})
+  opt = optax.masked(optax_ramda.prox_sgd(0.1, 5.0, reg), {"a": True, "b": False, "c": True})
+  with pytest.raises(ValueError, match=r"tie='t' joins \['a'\] with \['b'\], which is masked"):
+    opt.init(params)
+  # A tie masked out whole, or seen whole, is fine.
+  for mask in ({"a": False, "b": False, "c": True}, {"a": True, "b": True, "c": False}):
+    opt = optax.masked(optax_ramda.prox_sgd(0.1, 5.0, reg), mask)
+    opt.update(params, opt.init(params), params)

@@ -34,6 +34,7 @@ from optax_ramda._src.dual_averaging import dual_averaging
 from optax_ramda._src.interpolation import interpolate
 from optax_ramda._src.moments import adam_subproblem, sgd_subproblem
 from optax_ramda._src.non_float import float_leaves_only
+from optax_ramda._src.nuclear import NuclearNorm
 from optax_ramda._src.preconditioners import cube_root_metric, sqrt_count_metric
 from optax_ramda._src.regularizers import Regularizer
 from optax_ramda._src.schedule import StageSchedule
@@ -314,6 +315,12 @@ def prox_ssi(
     T. Deleu, Y. Bengio, *Structured Sparsity Inducing Adaptive Optimizers for
     Deep Learning*, arXiv:2102.03869, 2021.
   """
+  if isinstance(regularizer, NuclearNorm):
+    raise ValueError(
+        "prox_ssi solves the group LASSO prox exactly and has no solver for the nuclear "
+        "norm. Use prox_adamw(..., regularizer=nuclear_norm(...)) (ProxGen: the nuclear "
+        "PG solver for nuclear leaves); for group specs only, use group_lasso(...)."
+    )
   return prox_adamw(
       learning_rate,
       strength,

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 MaskedNode = optax.MaskedNode
@@ -56,9 +57,9 @@ class GroupSpec:
 
   def __post_init__(self):
     axes = self.reduce_axes
-    if isinstance(axes, int):
+    if isinstance(axes, (int, np.integer)):
       axes = (axes,)
-    axes = tuple(axes)
+    axes = tuple(int(a) if isinstance(a, np.integer) else a for a in axes)
     if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
       raise TypeError(
           f"GroupSpec.reduce_axes must be integers, got {self.reduce_axes!r}."
@@ -203,11 +204,11 @@ def resolve(
     make_leaf = _default_make_leaf
   tree = spec(params) if callable(spec) and not isinstance(spec, GroupSpec) else spec
   p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_param_leaf)
-  if isinstance(tree, GroupSpec) or tree is None:
-    # One spec for every leaf.
-    s_leaves = [tree] * len(p_leaves)
+  s_flat, s_def = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec_leaf)
+  if jax.tree_util.treedef_is_leaf(s_def) and s_flat:
+    # One spec (GroupSpec, None, NuclearSpec, ...) for every leaf.
+    s_leaves = [s_flat[0][1]] * len(p_leaves)
   else:
-    s_flat, s_def = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec_leaf)
     if s_def == p_def:
       s_leaves = [s for _, s in s_flat]
     else:
@@ -221,9 +222,13 @@ def resolve(
             entries=dict(s_flat),
         ))
   out = []
+  masked_ties: dict[str, str] = {}  # tie -> a masked-out leaf (or subtree) of it
   for (path, p), s in zip(p_leaves, s_leaves):
     name = jax.tree_util.keystr(path)
     if isinstance(p, MaskedNode):
+      for entry in jax.tree.leaves(s, is_leaf=_is_spec_leaf):
+        if getattr(entry, "tie", None) is not None:
+          masked_ties.setdefault(entry.tie, name)
       out.append(p)
     elif s is None or isinstance(s, MaskedNode):
       out.append(UNREGULARIZED)
@@ -233,7 +238,18 @@ def resolve(
       raise TypeError(f"unexpected group spec {s!r} for parameter {name}.")
   from optax_ramda._src import tied  # tied.py imports this module
 
-  tied.check_ties([jax.tree_util.keystr(path) for path, _ in p_leaves], out)
+  names = [jax.tree_util.keystr(path) for path, _ in p_leaves]
+  for name, leaf in zip(names, out):
+    tie = getattr(leaf, "tie", None)
+    if tie is not None and tie in masked_ties:
+      raise ValueError(
+          f"tie={tie!r} joins {name} with {masked_ties[tie]}, which is masked out here "
+          "(optax.masked or optax.partition keeps it from this optimizer). A joint group "
+          "must be seen whole by one optimizer, or this one would solve its visible part "
+          "as a group of its own. Keep all leaves of a tie in the same partition, or "
+          "untie them (tie=None) in this optimizer's spec."
+      )
+  tied.check_ties(names, out)
   return jax.tree_util.tree_unflatten(p_def, out)
 
 
@@ -329,7 +345,7 @@ def _mismatch_message(
       if tops:
         top = tops[0]
         return (
-            f"{head}the spec has one entry at {keystr(top)}, but the params have a "
+            f"{head}the spec has one entry at {keystr(top) or 'its root'}, but the params have a "
             f"subtree there ({', '.join(below(top, p_paths)[:3])}). Give one entry per "
             f"leaf, e.g. jax.tree.map(lambda _: spec, params{keystr(top)}). " + rule
         )
@@ -371,8 +387,10 @@ def _mismatch_message(
 
 def _default_make_leaf(spec: Any, leaf: Any, path: str) -> GroupLeaf:
   if not isinstance(spec, GroupSpec):
+    hint = (" A NuclearSpec belongs in optax_ramda.nuclear_norm(...), whose spec tree may "
+            "mix NuclearSpec and GroupSpec leaves.") if type(spec).__name__ == "NuclearSpec" else ""
     raise TypeError(
-        f"parameter {path}: expected a GroupSpec or None, got {spec!r}."
+        f"parameter {path}: expected a GroupSpec or None, got {spec!r}.{hint}"
     )
   return group_leaf(spec, leaf, path)
 

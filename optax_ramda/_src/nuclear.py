@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from optax_ramda._src import groups as groups_lib
@@ -58,6 +59,8 @@ class NuclearSpec:
   split: int | None = None
 
   def __post_init__(self):
+    if isinstance(self.split, np.integer):
+      object.__setattr__(self, "split", int(self.split))
     if self.split is not None and (
         not isinstance(self.split, int) or isinstance(self.split, bool)
     ):
@@ -82,9 +85,11 @@ class NuclearLeaf:
     return jnp.reshape(m, self.shape)
 
   def singular_values(self, x: jax.Array) -> jax.Array:
+    """In at least float32 (the SVD has no bf16/float16 kernels), cast back."""
     if self.rows * self.cols == 0:
       return jnp.zeros([0], x.dtype)
-    return jnp.linalg.svd(self.matrix(x), compute_uv=False)
+    work = jnp.promote_types(x.dtype, jnp.float32)
+    return jnp.linalg.svd(self.matrix(x).astype(work), compute_uv=False).astype(x.dtype)
 
   def psi(self, x: jax.Array) -> jax.Array:
     """``||x||_*``, the sum of singular values."""
@@ -94,9 +99,10 @@ class NuclearLeaf:
     """Singular-value soft-thresholding; returns ``z`` and ``||z||_*``."""
     if self.rows * self.cols == 0:
       return y, jnp.zeros([], y.dtype)
-    u, s, vt = jnp.linalg.svd(self.matrix(y), full_matrices=False)
-    s = jnp.maximum(s - threshold, 0)
-    return self.unmatrix((u * s) @ vt), jnp.sum(s)
+    work = jnp.promote_types(y.dtype, jnp.float32)  # as singular_values
+    u, s, vt = jnp.linalg.svd(self.matrix(y).astype(work), full_matrices=False)
+    s = jnp.maximum(s - jnp.asarray(threshold, work), 0)
+    return self.unmatrix((u * s) @ vt).astype(y.dtype), jnp.sum(s).astype(y.dtype)
 
   def prox(self, y: jax.Array, threshold: Any) -> jax.Array:
     """``argmin_z 1/2 ||z - y||^2 + threshold ||z||_*`` (``y`` if threshold is 0)."""
@@ -113,6 +119,12 @@ def nuclear_leaf(
     raise TypeError(
         f"parameter {path} has dtype {jnp.result_type(leaf)} but is regularized; only "
         "real floating-point parameters can be. Give it None in the spec."
+    )
+  if len(shape) < 2:
+    raise ValueError(
+        f"parameter {path} has shape {shape}: a 0-D or 1-D leaf has no matrix for the "
+        "nuclear norm. Give it None in the spec (a bias, a norm scale), or GroupSpec(()) "
+        "for L1."
     )
   if spec.split is None:
     if len(shape) != 2:

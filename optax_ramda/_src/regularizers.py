@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_ramda._src import groups as groups_lib
 from optax_ramda._src import tied
@@ -139,8 +140,17 @@ def l1(mask: Any = True) -> GroupLasso:
       a function ``params -> tree of booleans``.
   """
 
+  def entry(b: Any) -> GroupSpec | None:
+    if np.ndim(b) != 0:
+      raise ValueError(
+          f"l1's mask holds one bool per parameter leaf, got an array of shape "
+          f"{np.shape(b)}. Entries of one leaf cannot be masked separately: "
+          "give the whole leaf True or False (or split the parameter into two leaves)."
+      )
+    return GroupSpec(()) if b else None
+
   def to_spec(m: Any) -> Any:
-    return jax.tree.map(lambda b: GroupSpec(()) if b else None, m)
+    return jax.tree.map(entry, m)
 
   if mask is True:
     return GroupLasso(GroupSpec(()))
