@@ -26,7 +26,7 @@ Output (in ``--out``): ``results.md`` (the tables), ``results.json`` (all histor
 PNG plots per task; JAX's compilation cache in ``--out/.jax_cache`` (compiling is most
 of a ``--quick`` run, so a second run starts faster). Usage::
 
-  python3 examples/demo.py                 # the full run (<= 10 min on 2 CPU cores)
+  python3 examples/demo.py                 # the full run (about 70 s on 2 CPU cores)
   python3 examples/demo.py --quick         # a smoke run (< 1 min on 2 CPU cores)
   python3 examples/demo.py --tasks cnn,logreg --optimizers ramda,rmda --epochs 10
 """

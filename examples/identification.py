@@ -28,7 +28,8 @@ with ``buf`` an exponential moving average of stochastic gradients: its noise
 does *not* decay (and does not shrink with the learning rate), so every zero
 group whose margin is smaller than that noise leaves 0 again and again.
 
-Run ``python3 examples/identification.py`` for the table and a plot.
+Run ``python3 examples/identification.py [--out identification.png]`` for the
+table and a plot (written to ``--out``).
 """
 
 from __future__ import annotations
@@ -241,7 +242,12 @@ def summarize(trace: Trace) -> dict[str, float]:
           "final_nonzero": int(trace.nonzero_groups[-1])}
 
 
-def main() -> None:  # pragma: no cover - a script
+def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a script
+  import argparse
+
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default="identification.png", help="where the plot is written")
+  args = ap.parse_args(argv)
   import matplotlib
 
   matplotlib.use("Agg")
@@ -266,7 +272,8 @@ def main() -> None:  # pragma: no cover - a script
   ax.set_ylabel("non-zero groups in x")
   ax.legend()
   fig.tight_layout()
-  fig.savefig("identification.png", dpi=80)
+  fig.savefig(args.out, dpi=80)
+  print(f"plot: {args.out}")
 
 
 if __name__ == "__main__":

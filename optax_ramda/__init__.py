@@ -10,7 +10,7 @@ from optax_ramda._src.alias import prox_adamw, prox_sgd, prox_ssi, ramda, rmda
 from optax_ramda._src.compaction import CompactionBoundary, compact, compaction_plan
 from optax_ramda._src.dual_averaging import DualAveragingState, dual_averaging
 from optax_ramda._src.exact import exact_solve
-from optax_ramda._src.groups import GroupLeaf, GroupSpec
+from optax_ramda._src.groups import GroupLeaf, GroupSpec, group_leaf
 from optax_ramda._src.inexact import summable_tolerance
 from optax_ramda._src.interpolation import InterpolateState, interpolate
 from optax_ramda._src.moments import (
@@ -28,6 +28,7 @@ from optax_ramda._src.preconditioners import (
 from optax_ramda._src.regularizers import GroupLasso, Regularizer, group_lasso, l1
 from optax_ramda._src.schedule import StageSchedule
 from optax_ramda._src.solve import SolveState, solve_diagnostics, solve_subproblem
+from optax_ramda._src.solvers import LeafProblem
 from optax_ramda._src.structure import LeafStructure, StructureReport, structure
 from optax_ramda._src.subproblem import DualAverage, NewPoint, Subproblem
 
@@ -43,6 +44,7 @@ __all__ = [
     "GroupLeaf",
     "GroupSpec",
     "InterpolateState",
+    "LeafProblem",
     "LeafStructure",
     "NewPoint",
     "NuclearNorm",
@@ -60,6 +62,7 @@ __all__ = [
     "dual_averaging",
     "exact_solve",
     "group_lasso",
+    "group_leaf",
     "interpolate",
     "l1",
     "low_rank_level",

@@ -623,7 +623,7 @@ def _mesh_names(entry: Any, sizes: Mapping[str, int]) -> tuple[str, ...]:
 def check_shard_map_specs(
     regularizer: Any,
     params: Any,
-    specs: Any,
+    in_specs: Any,
     mesh: Any | None = None,
 ) -> None:
   """Checks that ``jax.shard_map`` in_specs keep every group on one device.
@@ -646,7 +646,7 @@ def check_shard_map_specs(
   Args:
     regularizer: the optimizer's regularizer (anything with ``.leaves``).
     params: the global params (arrays or ``jax.ShapeDtypeStruct``).
-    specs: the params' ``in_specs`` of ``shard_map``: a tree of
+    in_specs: the params' ``in_specs`` of ``shard_map``: a tree of
       ``PartitionSpec`` (or ``NamedSharding``, or None for replicated) that
       is a prefix of ``params``, e.g. a single ``P()``.
     mesh: optional ``jax.sharding.Mesh``; mesh axes of size 1 are then
@@ -669,7 +669,7 @@ def check_shard_map_specs(
   try:
     full = jax.tree_util.tree_map(
         lambda s, sub: jax.tree_util.tree_map(lambda _: s, sub, is_leaf=is_masked),
-        specs, params, is_leaf=_is_spec_leaf,
+        in_specs, params, is_leaf=_is_spec_leaf,
     )
   except (ValueError, TypeError) as e:
     raise ValueError(
