@@ -169,9 +169,10 @@ def _refuse_subclass(name: str, layer: Any) -> None:
   for base in (nnx.Linear, nnx.Conv, nnx.BatchNorm, nnx.MultiHeadAttention):
     if not isinstance(layer, base) or type(layer) is base:
       continue
-    extra = sorted(_name(path) for path, _ in nnx.to_flat_state(nnx.state(layer, nnx.Param))
-                   if _name(path) not in _BASE_PARAMS.get(base, ()))
-    if type(layer).__call__ is not base.__call__ or (base in _BASE_PARAMS and extra):
+    extra = [] if base not in _BASE_PARAMS else sorted(
+        _name(path) for path, _ in nnx.to_flat_state(nnx.state(layer, nnx.Param))
+        if _name(path) not in _BASE_PARAMS[base])
+    if type(layer).__call__ is not base.__call__ or extra:
       what = f" and weights {', '.join(extra)}" if extra else ""
       raise ValueError(
           f"compact: layer {name} is a {type(layer).__name__}, a subclass of nnx."
@@ -496,14 +497,13 @@ def _compact_boundary(
   if not remove.any():
     return nothing(note)
   keep = ~remove
-  fold_bias = sum((contributions[c] for c in np.flatnonzero(folds) if c in contributions),
-                  np.zeros(_np(cons.kernel).shape[-1]))
+  folded = [contributions[c] for c in np.flatnonzero(folds) if c in contributions]
   # BatchNorms inside the segment: their channels are features of a prefix of the segment.
   for i, layer in enumerate(seg):
     if isinstance(layer, nnx.BatchNorm):
       _take_channelwise(layer, keep[_owners(seg[:i], x, key)])
-  if contributions and folds.any():
-    _set(cons.bias, np.asarray(_np(cons.bias), np.float64) + fold_bias)
+  if folded:
+    _set(cons.bias, np.asarray(_np(cons.bias), np.float64) + sum(folded))
   _take_out(prod, keep)
   _take_in(cons, keep[owner])
   return CompactionBoundary(names[p], names[q], channels, int(keep.sum()), int(folds.sum()),

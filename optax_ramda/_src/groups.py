@@ -238,18 +238,7 @@ def resolve(
       raise TypeError(f"unexpected group spec {s!r} for parameter {name}.")
   from optax_ramda._src import tied  # tied.py imports this module
 
-  names = [jax.tree_util.keystr(path) for path, _ in p_leaves]
-  for name, leaf in zip(names, out):
-    tie = getattr(leaf, "tie", None)
-    if tie is not None and tie in masked_ties:
-      raise ValueError(
-          f"tie={tie!r} joins {name} with {masked_ties[tie]}, which is masked out here "
-          "(optax.masked or optax.partition keeps it from this optimizer). A joint group "
-          "must be seen whole by one optimizer, or this one would solve its visible part "
-          "as a group of its own. Keep all leaves of a tie in the same partition, or "
-          "untie them (tie=None) in this optimizer's spec."
-      )
-  tied.check_ties(names, out)
+  tied.check_ties([jax.tree_util.keystr(path) for path, _ in p_leaves], out, masked_ties)
   return jax.tree_util.tree_unflatten(p_def, out)
 
 
@@ -387,8 +376,10 @@ def _mismatch_message(
 
 def _default_make_leaf(spec: Any, leaf: Any, path: str) -> GroupLeaf:
   if not isinstance(spec, GroupSpec):
+    from optax_ramda._src.nuclear import NuclearSpec  # nuclear.py imports this module
+
     hint = (" A NuclearSpec belongs in optax_ramda.nuclear_norm(...), whose spec tree may "
-            "mix NuclearSpec and GroupSpec leaves.") if type(spec).__name__ == "NuclearSpec" else ""
+            "mix NuclearSpec and GroupSpec leaves.") if isinstance(spec, NuclearSpec) else ""
     raise TypeError(
         f"parameter {path}: expected a GroupSpec or None, got {spec!r}.{hint}"
     )

@@ -28,12 +28,12 @@ from optax._src import base
 from optax_ramda._src.regularizers import Regularizer
 
 
-def _is_real_float(leaf: Any) -> bool:
+def is_real_float(leaf: Any) -> bool:
   return bool(jnp.issubdtype(jnp.result_type(leaf), jnp.floating))
 
 
 def _has_non_float(params: Any) -> bool:
-  return not all(_is_real_float(x) for x in jax.tree.leaves(params))
+  return not all(is_real_float(x) for x in jax.tree.leaves(params))
 
 
 def _check_real(params: Any) -> None:
@@ -50,7 +50,7 @@ def _check_real(params: Any) -> None:
 def _float_only(tree: Any, params: Any) -> Any:
   """``tree`` with an ``optax.MaskedNode`` where ``params`` has a non-float leaf."""
   return jax.tree.map(
-      lambda t, p: t if _is_real_float(p) else optax.MaskedNode(), tree, params
+      lambda t, p: t if is_real_float(p) else optax.MaskedNode(), tree, params
   )
 
 
@@ -85,7 +85,7 @@ def float_leaves_only(
         **extra_args,
     )
     new = jax.tree.map(
-        lambda p, u: u if _is_real_float(p) else jnp.zeros_like(p), params, new
+        lambda p, u: u if is_real_float(p) else jnp.zeros_like(p), params, new
     )
     return new, state
 

@@ -510,15 +510,20 @@ def from_params(
   return reg
 
 
-def module_types(model: Any) -> dict[tuple[str, ...], str]:
-  """``{module path: class name}`` for every submodule of an NNX model."""
+def _modules(model: Any) -> dict[tuple[str, ...], Any]:
+  """``{module path: module}`` for every submodule of an NNX model."""
   from flax import nnx
 
   return {
-      tuple(str(p) for p in path): type(node).__name__
+      tuple(str(p) for p in path): node
       for path, node in nnx.iter_graph(model)
       if isinstance(node, nnx.Module)
   }
+
+
+def module_types(model: Any) -> dict[tuple[str, ...], str]:
+  """``{module path: class name}`` for every submodule of an NNX model."""
+  return {path: type(node).__name__ for path, node in _modules(model).items()}
 
 
 def from_nnx(
@@ -567,11 +572,7 @@ def from_nnx(
   """
   from flax import nnx
 
-  modules = {
-      tuple(str(p) for p in path): node
-      for path, node in nnx.iter_graph(model)
-      if isinstance(node, nnx.Module)
-  }
+  modules = _modules(model)
   types = {path: type(node).__name__ for path, node in modules.items()}
   classify = _Classifier(dense, conv, attention, overrides)
 

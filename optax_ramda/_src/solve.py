@@ -11,6 +11,7 @@ from optax._src import base
 
 from optax_ramda._src import nuclear, solvers, tied, validation
 from optax_ramda._src.groups import UNREGULARIZED, GroupLeaf
+from optax_ramda._src.non_float import is_real_float
 from optax_ramda._src.regularizers import Regularizer
 from optax_ramda._src.subproblem import NewPoint, Subproblem, check_stage_input
 
@@ -121,7 +122,7 @@ def solve_diagnostics(opt_state: Any, params: Any) -> SolveState:
     )
   # The optimizers hand their stages only the real floating-point leaves
   # (non_float.py); the others, never regularized, get zeros here.
-  floats = [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+  floats = [i for i, x in enumerate(leaves) if is_real_float(x)]
   if shape[0] == n:
     index = list(range(n))
   elif shape[0] == len(floats):

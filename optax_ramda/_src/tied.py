@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -174,14 +174,28 @@ def packing(leaves: Sequence[Any], shapes: Sequence[Sequence[int]]) -> Packing:
   return Packing(tuple(out_leaves), tuple(members), tuple(parts), len(leaves))
 
 
-def check_ties(names: Sequence[str], leaves: Sequence[Any]) -> None:
-  """Raises if the leaves of a tie do not have the same number of groups.
+def check_ties(
+    names: Sequence[str], leaves: Sequence[Any], masked: Mapping[str, str] | None = None
+) -> None:
+  """Raises if the leaves of a tie do not have the same number of groups, or if
+  some of them are masked out.
 
   Args:
     names: the leaves' paths (for the message).
     leaves: the resolved leaves, in the same order.
+    masked: ``{tie: path}`` of ties with a leaf that ``optax.masked`` or
+      ``optax.partition`` keeps from this optimizer.
   """
+  masked = masked or {}
   for tie, idx in _ties(leaves).items():
+    if tie in masked:
+      raise ValueError(
+          f"tie={tie!r} joins {names[idx[0]]} with {masked[tie]}, which is masked out "
+          "here (optax.masked or optax.partition keeps it from this optimizer). A joint "
+          "group must be seen whole by one optimizer, or this one would solve its "
+          "visible part as a group of its own. Keep all leaves of a tie in the same "
+          "partition, or untie them (tie=None) in this optimizer's spec."
+      )
     members = [(names[i], leaves[i]) for i in idx]
     if len({leaf.num_groups for _, leaf in members}) > 1:
       listed = "\n".join(

@@ -49,7 +49,7 @@ def concrete_scalar(name: str, value: Any) -> float | None:
   return None if arr is None else float(arr)
 
 
-def _scheduled_zero(value: Any, v: float, allow: bool) -> bool:
+def _scheduled_zero(value: Any, v: float) -> bool:
   """Whether ``v == 0`` may be a scheduled value rather than a constant that is a mistake.
 
   ``optax.inject_hyperparams`` rebuilds the optimizer with every hyperparameter as a
@@ -61,13 +61,13 @@ def _scheduled_zero(value: Any, v: float, allow: bool) -> bool:
   gradient), so a ``jax.Array`` 0 is accepted: it cannot be told from a
   schedule's value. A Python or NumPy 0, the likely mistake, is refused.
   """
-  return allow and v == 0 and isinstance(value, jax.Array)
+  return v == 0 and isinstance(value, jax.Array)
 
 
 def check_positive(name: str, value: Any, scheduled_zero: bool = False) -> None:
   """``0 < value < inf``; with ``scheduled_zero``, a ``jax.Array`` 0 also passes."""
   v = concrete_scalar(name, value)
-  if v is not None and not 0 < v < math.inf and not _scheduled_zero(value, v, scheduled_zero):
+  if v is not None and not 0 < v < math.inf and not (scheduled_zero and _scheduled_zero(value, v)):
     also = " (a schedule may pass through 0)" if scheduled_zero else ""
     raise ValueError(
         f"{name} must be finite and > 0, got {v}. Pass a positive {name}{also}.")
@@ -82,7 +82,7 @@ def check_non_negative(name: str, value: Any) -> None:
 def check_momentum(name: str, value: Any) -> None:
   """``0 < value <= 1``; a ``jax.Array`` 0 (a scheduled value) also passes."""
   v = concrete_scalar(name, value)
-  if v is not None and not 0 < v <= 1 and not _scheduled_zero(value, v, True):
+  if v is not None and not 0 < v <= 1 and not _scheduled_zero(value, v):
     raise ValueError(
         f"{name} (the interpolation weight c) must lie in (0, 1], got {v}. "
         "c = 1 makes x equal the subproblem solution z; small c (0.01-0.1) "
