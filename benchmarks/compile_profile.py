@@ -78,7 +78,12 @@ def _run_child(name: str, layers: int, cube_root: str, env: dict) -> tuple[dict,
 def _logged_seconds(log: str, what: str) -> float:
   """Seconds of one phase of module ``jit_step`` from the CPU compiler's log."""
   m = re.search(rf"{what} \[jit_step\] for CPU[^\n]*?time: [^\n]*?\((\d+) us\)", log)
-  return int(m.group(1)) * 1e-6 if m else float("nan")
+  if m is None:
+    print(f"compile_profile: no '{what} [jit_step]' line in XLA's CPU compiler log, so that "
+          "phase is NaN (jaxlib <= 0.10.1 logs no 'Running HLO passes' time; 0.10.2 does)",
+          file=sys.stderr)
+    return float("nan")
+  return int(m.group(1)) * 1e-6
 
 
 def _dump_counts(folder: str) -> dict:

@@ -9,6 +9,8 @@ import pathlib
 import subprocess
 import sys
 
+from xla_version import needs_jaxlib
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -42,6 +44,7 @@ def test_update_section_runs_and_records_every_optimizer(tmp_path):
   assert "| ramda exact |" in proc.stdout
 
 
+@needs_jaxlib(0, 10, 2, why="XLA's CPU compiler logs no HLO-pass time for compile_profile.py")
 def test_compile_profile_splits_xla_time_and_counts_kernels(tmp_path):
   out = tmp_path / "compile.json"
   proc = _run("compile_profile.py", "--layers", "1", "--repeats", "1", "--optimizers",

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from xla_version import needs_jaxlib
 
 import optax_ramda
 from optax_ramda import GroupSpec
@@ -117,11 +118,21 @@ def test_stacks_are_written_by_the_fused_metric():
   assert not re.search(r"= f32\[12,16,8\]", entry)
 
 
+def _sub_jaxprs(params):
+  """The jaxprs in an equation's params (``jax.extend.core.jaxprs_in_params``, not in JAX 0.8)."""
+  for v in params.values():
+    for item in v if isinstance(v, (tuple, list)) else (v,):
+      if isinstance(item, jax.extend.core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jax.extend.core.Jaxpr):
+        yield item
+
+
 def _loops(jaxpr, depth=0):
   """Deepest nesting of loops (``while``, ``scan``) in a jaxpr."""
   deepest = depth
   for e in jaxpr.eqns:
-    for sub in jax.extend.core.jaxprs_in_params(e.params):
+    for sub in _sub_jaxprs(e.params):
       deepest = max(deepest, _loops(sub, depth + (e.primitive.name in ("while", "scan"))))
   return deepest
 
@@ -341,6 +352,12 @@ def _temporaries(opt, params):
   return mem.temp_size_in_bytes / sum(x.nbytes for x in jax.tree.leaves(params))
 
 
+# Measured 2026-11-25 with jaxlib 0.8.1, 0.9.0, 0.9.2, 0.10.0, 0.10.1: one more copy (RMDA and
+# ProxSGD 1.99 below FUSED_PROX_FROM, 1.00 fused), the budgets of the other rows held.
+_FUSES_Y = needs_jaxlib(0, 10, 2, why="its XLA keeps one more parameter-sized temporary in the "
+                        "closed-form prox of a scalar metric")
+
+
 @pytest.mark.parametrize(
     "make, bound",
     [
@@ -355,8 +372,8 @@ def _temporaries(opt, params):
         (lambda: optax_ramda.ramda(1e-2, 1e-3, _reg()), 4.5),
         (lambda: optax_ramda.prox_adamw(1e-3, 1e-3, _reg()), 4.5),
         # The closed-form prox of a scalar metric, below FUSED_PROX_FROM: y.
-        (lambda: optax_ramda.rmda(1e-1, 1e-3, _reg()), 1.5),
-        (lambda: optax_ramda.prox_sgd(1e-1, 1e-3, _reg()), 1.5),
+        pytest.param(lambda: optax_ramda.rmda(1e-1, 1e-3, _reg()), 1.5, marks=_FUSES_Y),
+        pytest.param(lambda: optax_ramda.prox_sgd(1e-1, 1e-3, _reg()), 1.5, marks=_FUSES_Y),
     ],
 )
 def test_update_temporaries_stay_within_budget(make, bound):
@@ -364,6 +381,7 @@ def test_update_temporaries_stay_within_budget(make, bound):
   assert copies <= bound, copies
 
 
+@_FUSES_Y
 @pytest.mark.parametrize("make", [
     lambda: optax_ramda.rmda(1e-1, 1e-3, _reg()),
     lambda: optax_ramda.prox_sgd(1e-1, 1e-3, _reg()),  # a constant lr

@@ -41,6 +41,11 @@ from optax_ramda._src.schedule import StageSchedule
 from optax_ramda._src.solve import solve_subproblem
 
 
+def _schedule(milestones: int | Sequence[int], gamma: Any, steps_per_epoch: Any) -> StageSchedule:
+  """The aliases' :class:`StageSchedule`; its ``__post_init__`` makes an int one milestone."""
+  return StageSchedule(milestones, gamma, steps_per_epoch)  # type: ignore[arg-type]
+
+
 def ramda(
     learning_rate: base.ScalarOrSchedule,
     strength: Any = 0.0,
@@ -121,7 +126,7 @@ def ramda(
     an Efficient Inexact Subproblem Solver for Training Structured Neural
     Network*, NeurIPS 2024, arXiv:2403.14398.
   """
-  schedule = StageSchedule(milestones, gamma, steps_per_epoch)
+  schedule = _schedule(milestones, gamma, steps_per_epoch)
   chain = optax.chain(
       dual_averaging(learning_rate, schedule, accumulator_dtype),
       cube_root_metric(eps, schedule, accumulator_dtype),
@@ -159,7 +164,7 @@ def rmda(
     Manifold Identification and Variance Reduction*, ICLR 2022,
     arXiv:2112.02612.
   """
-  schedule = StageSchedule(milestones, gamma, steps_per_epoch)
+  schedule = _schedule(milestones, gamma, steps_per_epoch)
   chain = optax.chain(
       dual_averaging(learning_rate, schedule, accumulator_dtype),
       sqrt_count_metric(),
@@ -231,7 +236,7 @@ def prox_adamw(
     J. Yun, A. Lozano, E. Yang, *Adaptive Proximal Gradient Methods for
     Structured Neural Networks*, NeurIPS 2021.
   """
-  schedule = StageSchedule(milestones, gamma, steps_per_epoch)
+  schedule = _schedule(milestones, gamma, steps_per_epoch)
   chain = optax.chain(
       adam_subproblem(
           learning_rate, b1, b2, eps, weight_decay, schedule, accumulator_dtype
@@ -268,7 +273,7 @@ def prox_sgd(
     Yang et al., *ProxSGD: Training Structured Neural Networks under
     Regularization and Constraints*, ICLR 2020.
   """
-  schedule = StageSchedule(milestones, gamma, steps_per_epoch)
+  schedule = _schedule(milestones, gamma, steps_per_epoch)
   chain = optax.chain(
       sgd_subproblem(learning_rate, momentum, schedule, accumulator_dtype),
       solve_subproblem(regularizer, strength),

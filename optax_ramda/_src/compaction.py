@@ -437,7 +437,7 @@ def _owners(layers: list[Any], x: jax.Array, key: jax.Array) -> np.ndarray | Non
   # somewhere (relu below a shifted threshold) still pass a tangent at one of them.
   probes = [n1, jnp.abs(n2) + 0.1, 10 * n2, 10 * jnp.abs(n1) + 1.0]
   eye = jnp.eye(channels, dtype=x.dtype)
-  deps = 0
+  deps: Any = 0
   for p in probes:
     tangent = jax.vmap(lambda e, p=p: jax.jvp(fn, (p,), (jnp.broadcast_to(e, p.shape),))[1])(eye)
     t = np.asarray(tangent)
@@ -491,13 +491,13 @@ def _compact_boundary(
   if remove.all():
     # Every channel is dead: keep one (a removable one if any, whose consumer rows are
     # zero), as attention keeps one head, so that no layer is left zero wide.
-    c = int(np.flatnonzero(removable)[0]) if removable.any() else 0
-    remove[c] = folds[c] = False
-    note = f"every channel was zero; channel {c} is kept so that the layer is not empty"
+    kept = int(np.flatnonzero(removable)[0]) if removable.any() else 0
+    remove[kept] = folds[kept] = False
+    note = f"every channel was zero; channel {kept} is kept so that the layer is not empty"
   if not remove.any():
     return nothing(note)
   keep = ~remove
-  folded = [contributions[c] for c in np.flatnonzero(folds) if c in contributions]
+  folded = [contributions[int(c)] for c in np.flatnonzero(folds) if int(c) in contributions]
   # BatchNorms inside the segment: their channels are features of a prefix of the segment.
   for i, layer in enumerate(seg):
     if isinstance(layer, nnx.BatchNorm):
@@ -648,11 +648,11 @@ def _record_calls(model: Any, units: dict[int, Any], sample: Any) -> dict[int, l
 
   try:
     for owner, orig in owners.items():
-      owner.__call__ = wrap(orig)
+      owner.__call__ = wrap(orig)  # type: ignore[method-assign]
     _call(model, jnp.asarray(sample))
   finally:
     for owner, orig in owners.items():
-      owner.__call__ = orig
+      owner.__call__ = orig  # type: ignore[method-assign]
   return calls
 
 

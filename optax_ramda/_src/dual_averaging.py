@@ -26,7 +26,7 @@ class DualAveragingState(NamedTuple):
   the rounding error), so it does not drift in float32 over long stages.
   """
 
-  count: jax.Array  # int32, 0-based steps taken (t)
+  count: jax.Array  # type: ignore[assignment]  # int32, 0-based steps taken (t)
   alpha: jax.Array
   alpha_compensation: jax.Array
   centre: base.Params  # x0

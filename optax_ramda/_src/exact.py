@@ -297,6 +297,7 @@ def exact_solve_vectors(
       looped.append((idx[part], pp, sleaf, t[part], s, rh))
   rhs, iters, secs = _newton([(sleaf, s, rh) for _, _, sleaf, _, s, rh in looped], max_newton)
   for (idx, ps, _, t, s, _), rh, it, sec in zip(looped, rhs, iters, secs):
+    z: list[jax.Array] | jax.Array  # per leaf, or the batch (leaves slice it)
     if len(ps) == 1:
       z = [_finish(ps[0], jax.tree.map(lambda a: a[0], s), rh[0])]
     else:

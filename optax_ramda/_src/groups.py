@@ -207,13 +207,13 @@ def resolve(
   s_flat, s_def = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec_leaf)
   if jax.tree_util.treedef_is_leaf(s_def) and s_flat:
     # One spec (GroupSpec, None, NuclearSpec, ...) for every leaf.
-    s_leaves = [s_flat[0][1]] * len(p_leaves)
+    s_leaves: list[Any] = [s_flat[0][1]] * len(p_leaves)
   else:
-    if s_def == p_def:
+    if s_def == p_def:  # type: ignore[operator]  # jax types PyTreeDef loosely
       s_leaves = [s for _, s in s_flat]
     else:
-      s_leaves = _entries_over_prefix(p_leaves, p_def, tree)
-      if s_leaves is None:
+      found = _entries_over_prefix(p_leaves, p_def, tree)
+      if found is None:
         raise ValueError(_mismatch_message(
             [path for path, _ in p_leaves], [path for path, _ in s_flat], p_def, s_def,
             masked={path for path, p in p_leaves if isinstance(p, MaskedNode)},
@@ -221,6 +221,7 @@ def resolve(
                 params, is_leaf=lambda x: x is None)[0] if x is None],
             entries=dict(s_flat),
         ))
+      s_leaves = found
   out = []
   masked_ties: dict[str, str] = {}  # tie -> a masked-out leaf (or subtree) of it
   for (path, p), s in zip(p_leaves, s_leaves):

@@ -14,7 +14,7 @@ from optax_ramda._src.subproblem import NewPoint, check_stage_input
 
 
 class InterpolateState(NamedTuple):
-  count: jax.Array  # int32, steps taken (for the momentum ramp)
+  count: jax.Array  # type: ignore[assignment]  # int32, steps taken (for the momentum ramp)
 
 
 def interpolate(

@@ -25,7 +25,7 @@ def _learning_rate(learning_rate, schedule: StageSchedule, t: jax.Array) -> jax.
 
 
 class AdamSubproblemState(NamedTuple):
-  count: jax.Array  # int32, steps taken
+  count: jax.Array  # type: ignore[assignment]  # int32, steps taken
   mu: base.Updates  # m
   nu: base.Updates  # v
 
@@ -127,7 +127,7 @@ def adam_subproblem(
 
 
 class SgdSubproblemState(NamedTuple):
-  count: jax.Array  # int32, steps taken
+  count: jax.Array  # type: ignore[assignment]  # int32, steps taken
   momentum_buffer: base.Updates  # buf
 
 

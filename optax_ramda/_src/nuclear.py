@@ -261,7 +261,8 @@ def low_rank_level(params: Any, regularizer: Regularizer, rtol: float | None = N
   regularizer has no nuclear leaf. Jit-able.
   """
   leaves = regularizer.leaves(params)
-  zero = total = 0
+  zero: Any = 0
+  total = 0
   for leaf, x in zip(jax.tree.leaves(leaves), jax.tree.leaves(params)):
     if not isinstance(leaf, NuclearLeaf) or leaf.rows * leaf.cols == 0:
       continue

@@ -504,10 +504,9 @@ def from_params(
     reg = optax_ramda.presets.from_params(variables["params"], stacked=["blocks"])
   """
   classify = _Classifier(dense, conv, attention, overrides, stacked)
-  reg = GroupLasso(_spec_fn(classify, lambda names: None, _global_shapes(params),
-                            classify.stacked_axes))
-  reg.groups(params, warn_unmatched=False)  # raises now, naming the path, for anything unknown
-  return reg
+  spec = _spec_fn(classify, lambda names: None, _global_shapes(params), classify.stacked_axes)
+  spec(params, warn_unmatched=False)  # raises now, naming the path, for anything unknown
+  return GroupLasso(spec)
 
 
 def _modules(model: Any) -> dict[tuple[str, ...], Any]:
@@ -604,9 +603,9 @@ def from_nnx(
     return max(len(shape) - rank, 0)
 
   state = nnx.state(model, nnx.Param)
-  reg = GroupLasso(_spec_fn(classify, module_of, _global_shapes(state), stacked_of))
-  reg.groups(state, warn_unmatched=False)  # raises now, naming the path
-  return reg
+  spec = _spec_fn(classify, module_of, _global_shapes(state), stacked_of)
+  spec(state, warn_unmatched=False)  # raises now, naming the path
+  return GroupLasso(spec)
 
 
 def _is_spec_leaf(x: Any) -> bool:
@@ -619,6 +618,11 @@ def _mesh_names(entry: Any, sizes: Mapping[str, int]) -> tuple[str, ...]:
     return ()
   names = entry if isinstance(entry, tuple) else (entry,)
   return tuple(n for n in names if sizes.get(n, 2) > 1)
+
+
+def _spec_str(entries: Any) -> str:
+  """A PartitionSpec as users write it, ``P(None, 'model')``, whatever JAX's repr."""
+  return "P(" + ", ".join(repr(e) for e in entries) + ")"
 
 
 def check_shard_map_specs(
@@ -715,8 +719,8 @@ def check_shard_map_specs(
       )
       axes = ", ".join(f"axis {a} over mesh axis {'/'.join(n)}" for a, n in bad)
       problems.append(
-          f"  {jax.tree_util.keystr(path)} (shape {tuple(np.shape(x))}, {kind}): {spec} "
-          f"shards {axes}; use {PartitionSpec(*fixed)}"
+          f"  {jax.tree_util.keystr(path)} (shape {tuple(np.shape(x))}, {kind}): "
+          f"{_spec_str(spec)} shards {axes}; use {_spec_str(fixed)}"
       )
   for tie, members in ties.items():
     # The i-th local group of every tied leaf must be the same joint group.

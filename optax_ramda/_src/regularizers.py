@@ -79,7 +79,7 @@ class Regularizer:
     plan = tied.packing(leaves, [jnp.shape(y) for y in ys])
     zs = [shrink_leaf(leaf, y, threshold) for leaf, y in zip(plan.leaves, plan.pack(ys))]
     zs = [z.astype(jnp.result_type(y)) for z, y in zip(plan.unpack(zs), ys)]
-    return jax.tree.structure(leaves_tree).unflatten(zs)
+    return jax.tree.unflatten(jax.tree.structure(leaves_tree), zs)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -105,7 +105,7 @@ class GroupLasso(Regularizer):
 def _flat(leaves_tree: Any, params: Any) -> tuple[list[Any], list[Any]]:
   """The resolved leaves and the params leaves, flat and aligned."""
   leaves, treedef = jax.tree.flatten(leaves_tree)
-  return leaves, treedef.flatten_up_to(params)
+  return leaves, treedef.flatten_up_to(params)  # type: ignore[attr-defined]
 
 
 def leaf_value(leaf: Any, x: jax.Array) -> jax.Array:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -112,11 +111,3 @@ class StageSchedule:
     ramped = jnp.minimum(c0 * jnp.sqrt(n.astype(jnp.result_type(c0, float))), 1)
     return jnp.where(n > 1, ramped, c0)
 
-
-def make_schedule(
-    milestones: Sequence[int] = (),
-    gamma: float = 0.1,
-    steps_per_epoch: int = 1,
-    ramp_momentum: bool = True,
-) -> StageSchedule:
-  return StageSchedule(tuple(milestones), gamma, steps_per_epoch, ramp_momentum)

@@ -112,7 +112,7 @@ def solve_diagnostics(opt_state: Any, params: Any) -> SolveState:
     )
   state = found[0]
   leaves, treedef = jax.tree.flatten(params)
-  n = treedef.num_leaves
+  n = len(leaves)
   shape = jnp.shape(state.iterations)
   if len(shape) != 1:
     raise ValueError(
@@ -124,7 +124,7 @@ def solve_diagnostics(opt_state: Any, params: Any) -> SolveState:
   # (non_float.py); the others, never regularized, get zeros here.
   floats = [i for i, x in enumerate(leaves) if is_real_float(x)]
   if shape[0] == n:
-    index = list(range(n))
+    index: list[int | None] = list(range(n))
   elif shape[0] == len(floats):
     position = {leaf: k for k, leaf in enumerate(floats)}
     index = [position.get(i) for i in range(n)]
@@ -134,8 +134,8 @@ def solve_diagnostics(opt_state: Any, params: Any) -> SolveState:
         f"{f' ({len(floats)} floating-point)' if len(floats) != n else ''}. Pass the "
         "params the optimizer was initialised with (under optax.masked, the masked params)."
     )
-  tree = lambda v: treedef.unflatten(
-      [v[i] if i is not None else jnp.zeros((), v.dtype) for i in index])
+  tree = lambda v: jax.tree.unflatten(
+      treedef, [v[i] if i is not None else jnp.zeros((), v.dtype) for i in index])
   return SolveState(
       tree(state.iterations), tree(state.relative_decrease), tree(state.residual),
       state.solve_count,
@@ -349,7 +349,7 @@ def solve_subproblem(
     leaves_tree = leaf_tree(params)
     leaves, treedef = jax.tree.flatten(leaves_tree)
     fields = [
-        treedef.flatten_up_to(f)
+        treedef.flatten_up_to(f)  # type: ignore[attr-defined]
         for f in (sub.centre, sub.linear, sub.metric, sub.warm_start)
     ]
     leaves, fields, unpack, source = tied.pack_problem(leaves, fields)  # joint groups (tie)
@@ -403,7 +403,7 @@ def solve_subproblem(
     for k, i in enumerate(pending_idx):
       zs[i] = vsol.z[k]
     from_vectors = (vsol, [pending_idx[k] for k in vsol.order])
-    z = treedef.unflatten(unpack(zs))
+    z = jax.tree.unflatten(treedef, unpack(zs))
     its, rels, ress = _diagnostic_vectors(scalars, from_vectors, source, state.residual.dtype)
     new_state = SolveState(its, rels, ress, solve_count=state.solve_count + 1)
     return NewPoint(z), new_state

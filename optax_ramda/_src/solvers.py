@@ -380,7 +380,9 @@ def _exact(leaves, problems, rtol, max_iters, min_iters, subgradient_tol=None,
   return exact.exact_solve_vectors(leaves, problems)
 
 
-SOLVERS = {"pg": _per_leaf(pg_solve_per_leaf), "pg_fused": _per_leaf(pg_solve), "exact": _exact}
+SOLVERS: dict[str, Callable[..., VectorSolution]] = {
+    "pg": _per_leaf(pg_solve_per_leaf), "pg_fused": _per_leaf(pg_solve), "exact": _exact
+}
 """Diagonal-metric group-LASSO solvers by name: ``f(leaves, problems, rtol,
 max_iters, min_iters, subgradient_tol=None, track_residual=False) ->
 VectorSolution``."""

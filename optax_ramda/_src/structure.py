@@ -52,15 +52,17 @@ def structure(params: Any, regularizer: GroupLasso) -> StructureReport:
   """
   leaves_tree = regularizer.leaves(params)
   flat_leaves, treedef = jax.tree.flatten(leaves_tree)
-  flat_params = treedef.flatten_up_to(params)
+  flat_params = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
   paths = [
       jax.tree_util.keystr(path)
       for path, _ in jax.tree_util.tree_flatten_with_path(leaves_tree)[0]
   ]
   plan = tied.packing(flat_leaves, [jnp.shape(x) for x in flat_params])
   per_leaf = {}
-  zero_w = zero_g = total_w = total_g = 0
-  zero_entries, total_entries = 0, 0
+  zero_w: Any = 0  # traced counts (arrays) and static totals (ints)
+  zero_g: Any = 0
+  zero_entries: Any = 0
+  total_w = total_g = total_entries = 0
   zeros = [jnp.sum(x == 0) for x in flat_params]
   for x, z in zip(flat_params, zeros):
     zero_entries = zero_entries + z

@@ -49,7 +49,7 @@ class DualAverage(NamedTuple):
   centre: Any
   linear: Any
   restart: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]
 
 
 class Subproblem(NamedTuple):

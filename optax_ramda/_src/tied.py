@@ -151,7 +151,9 @@ def packing(leaves: Sequence[Any], shapes: Sequence[Sequence[int]]) -> Packing:
   ties = _ties(leaves)
   joined = {idx[0]: idx for idx in ties.values() if len(idx) > 1}
   skip = {i for idx in joined.values() for i in idx[1:]}
-  out_leaves, members, parts = [], [], []
+  out_leaves: list[Any] = []
+  members: list[tuple[int, ...]] = []
+  parts: list[tuple[_Part, ...] | None] = []
   for i, leaf in enumerate(leaves):
     if i in skip:
       continue

@@ -1,0 +1,30 @@
+"""A mark for tests of what XLA itself produces (buffer assignment, compile log).
+
+Those tests pin numbers measured with jaxlib 0.10.2 (CI). Older jaxlibs run the
+library correctly (the rest of the suite passes with the oldest supported
+versions, README "Install") but their XLA differs in these outputs.
+"""
+
+import importlib.metadata
+
+import pytest
+
+
+def _version(package: str) -> tuple[int, ...]:
+  parts = []
+  for part in importlib.metadata.version(package).split("."):
+    if not part.isdigit():
+      break
+    parts.append(int(part))
+  return tuple(parts)
+
+
+JAXLIB = _version("jaxlib")
+
+
+def needs_jaxlib(*version: int, why: str) -> pytest.MarkDecorator:
+  """Skips a test of XLA's output below jaxlib ``version``, saying ``why``."""
+  return pytest.mark.skipif(
+      JAXLIB < version,
+      reason=f"jaxlib {'.'.join(map(str, JAXLIB))} < {'.'.join(map(str, version))}: {why}",
+  )
