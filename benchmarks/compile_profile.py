@@ -79,9 +79,10 @@ def _logged_seconds(log: str, what: str) -> float:
   """Seconds of one phase of module ``jit_step`` from the CPU compiler's log."""
   m = re.search(rf"{what} \[jit_step\] for CPU[^\n]*?time: [^\n]*?\((\d+) us\)", log)
   if m is None:
+    old = (" (jaxlib <= 0.10.1 logs no 'Running HLO passes' time; 0.10.2 does)"
+           if what.startswith("Running HLO passes") else "")
     print(f"compile_profile: no '{what} [jit_step]' line in XLA's CPU compiler log, so that "
-          "phase is NaN (jaxlib <= 0.10.1 logs no 'Running HLO passes' time; 0.10.2 does)",
-          file=sys.stderr)
+          f"phase is NaN{old}", file=sys.stderr)
     return float("nan")
   return int(m.group(1)) * 1e-6
 

@@ -9,7 +9,7 @@ import pathlib
 import subprocess
 import sys
 
-from xla_version import needs_jaxlib
+from xla_version import JAXLIB
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,6 @@ def test_update_section_runs_and_records_every_optimizer(tmp_path):
   assert "| ramda exact |" in proc.stdout
 
 
-@needs_jaxlib(0, 10, 2, why="XLA's CPU compiler logs no HLO-pass time for compile_profile.py")
 def test_compile_profile_splits_xla_time_and_counts_kernels(tmp_path):
   out = tmp_path / "compile.json"
   proc = _run("compile_profile.py", "--layers", "1", "--repeats", "1", "--optimizers",
@@ -53,6 +52,8 @@ def test_compile_profile_splits_xla_time_and_counts_kernels(tmp_path):
   assert set(rows) == {"adamw", "ramda exact"}
   for r in rows.values():
     # The CPU compiler's log lines and dump files were found and parsed.
-    assert 0 < r["hlo_passes_s"] < r["compile_s"] and 0 < r["llvm_s"] < r["compile_s"]
+    assert 0 < r["llvm_s"] < r["compile_s"]
+    if JAXLIB >= (0, 10, 2):  # older CPU compilers log no HLO-pass time (measured: 0.10.1)
+      assert 0 < r["hlo_passes_s"] < r["compile_s"]
     assert r["kernels"] > 0 and r["fusions"] > 0 and r["instructions"] > 0
   assert "| ramda exact |" in proc.stdout

@@ -8,6 +8,7 @@ sharded along a group's reduce axis is refused (the presets at trace time,
 presets.check_shard_map_specs before); sharding another axis is exact.
 """
 
+import re
 import warnings
 
 import jax
@@ -273,6 +274,15 @@ def test_check_shard_map_specs():
   with pytest.raises(ValueError, match=r"(?s)\['fc1'\]\['kernel'\].*\['fc2'\]\['kernel'\]"
                      r".*use P\(\)"):
     presets.check_shard_map_specs(reg, params, specs)
+  # The suggested spec keeps the axes the groups do not reduce over, written as users write it.
+  for spec, shown, fix in [
+      (P("data", "model"), "P('data', 'model')", "P('data')"),
+      (P(P.UNCONSTRAINED, "model"), "P(P.UNCONSTRAINED, 'model')", "P(P.UNCONSTRAINED)"),
+  ]:
+    with pytest.raises(ValueError, match=re.escape(f"{shown} shards axis 1 over mesh axis "
+                                                   f"model; use {fix}")):
+      presets.check_shard_map_specs(REG, params, {**SPLIT_GROUPS, "fc1": {"kernel": spec,
+                                                                          "bias": P()}})
   # Replicated (a prefix P() or None), sharding whole groups, L1, size-1 mesh axes: fine.
   presets.check_shard_map_specs(REG, params, P())
   presets.check_shard_map_specs(REG, params, None)

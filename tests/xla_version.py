@@ -1,4 +1,4 @@
-"""A mark for tests of what XLA itself produces (buffer assignment, compile log).
+"""The jaxlib version, for tests of what XLA itself produces (buffer assignment, compile log).
 
 Those tests pin numbers measured with jaxlib 0.10.2 (CI). Older jaxlibs run the
 library correctly (the rest of the suite passes with the oldest supported
@@ -6,8 +6,6 @@ versions, README "Install") but their XLA differs in these outputs.
 """
 
 import importlib.metadata
-
-import pytest
 
 
 def _version(package: str) -> tuple[int, ...]:
@@ -20,11 +18,3 @@ def _version(package: str) -> tuple[int, ...]:
 
 
 JAXLIB = _version("jaxlib")
-
-
-def needs_jaxlib(*version: int, why: str) -> pytest.MarkDecorator:
-  """Skips a test of XLA's output below jaxlib ``version``, saying ``why``."""
-  return pytest.mark.skipif(
-      JAXLIB < version,
-      reason=f"jaxlib {'.'.join(map(str, JAXLIB))} < {'.'.join(map(str, version))}: {why}",
-  )

@@ -209,7 +209,7 @@ def resolve(
     # One spec (GroupSpec, None, NuclearSpec, ...) for every leaf.
     s_leaves: list[Any] = [s_flat[0][1]] * len(p_leaves)
   else:
-    if s_def == p_def:  # type: ignore[operator]  # jax types PyTreeDef loosely
+    if s_def == p_def:  # type: ignore[operator, unused-ignore]  # jax types PyTreeDef loosely
       s_leaves = [s for _, s in s_flat]
     else:
       found = _entries_over_prefix(p_leaves, p_def, tree)

@@ -622,7 +622,8 @@ def _mesh_names(entry: Any, sizes: Mapping[str, int]) -> tuple[str, ...]:
 
 def _spec_str(entries: Any) -> str:
   """A PartitionSpec as users write it, ``P(None, 'model')``, whatever JAX's repr."""
-  return "P(" + ", ".join(repr(e) for e in entries) + ")"
+  return "P(" + ", ".join(
+      "P.UNCONSTRAINED" if e is PartitionSpec.UNCONSTRAINED else repr(e) for e in entries) + ")"
 
 
 def check_shard_map_specs(

@@ -105,7 +105,7 @@ class GroupLasso(Regularizer):
 def _flat(leaves_tree: Any, params: Any) -> tuple[list[Any], list[Any]]:
   """The resolved leaves and the params leaves, flat and aligned."""
   leaves, treedef = jax.tree.flatten(leaves_tree)
-  return leaves, treedef.flatten_up_to(params)  # type: ignore[attr-defined]
+  return leaves, treedef.flatten_up_to(params)  # type: ignore[attr-defined, unused-ignore]
 
 
 def leaf_value(leaf: Any, x: jax.Array) -> jax.Array:

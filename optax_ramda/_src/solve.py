@@ -349,7 +349,7 @@ def solve_subproblem(
     leaves_tree = leaf_tree(params)
     leaves, treedef = jax.tree.flatten(leaves_tree)
     fields = [
-        treedef.flatten_up_to(f)  # type: ignore[attr-defined]
+        treedef.flatten_up_to(f)  # type: ignore[attr-defined, unused-ignore]
         for f in (sub.centre, sub.linear, sub.metric, sub.warm_start)
     ]
     leaves, fields, unpack, source = tied.pack_problem(leaves, fields)  # joint groups (tie)

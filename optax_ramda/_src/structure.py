@@ -52,7 +52,7 @@ def structure(params: Any, regularizer: GroupLasso) -> StructureReport:
   """
   leaves_tree = regularizer.leaves(params)
   flat_leaves, treedef = jax.tree.flatten(leaves_tree)
-  flat_params = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
+  flat_params = treedef.flatten_up_to(params)  # type: ignore[attr-defined, unused-ignore]
   paths = [
       jax.tree_util.keystr(path)
       for path, _ in jax.tree_util.tree_flatten_with_path(leaves_tree)[0]
