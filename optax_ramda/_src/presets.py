@@ -620,10 +620,15 @@ def _mesh_names(entry: Any, sizes: Mapping[str, int]) -> tuple[str, ...]:
   return tuple(n for n in names if sizes.get(n, 2) > 1)
 
 
-def _spec_str(entries: Any) -> str:
-  """A PartitionSpec as users write it, ``P(None, 'model')``, whatever JAX's repr."""
-  return "P(" + ", ".join(
-      "P.UNCONSTRAINED" if e is PartitionSpec.UNCONSTRAINED else repr(e) for e in entries) + ")"
+def _spec_str(spec: Any) -> str:
+  """A PartitionSpec (or a list of its entries) as users write it, ``P(None, 'model')``."""
+  parts = [
+      "P.UNCONSTRAINED" if e is PartitionSpec.UNCONSTRAINED else repr(e)
+      for e in getattr(spec, "partitions", spec)
+  ]
+  parts += [f"{k}={set(v)!r}" for k in ("unreduced", "reduced") if getattr(spec, k, None)
+            for v in [getattr(spec, k)]]
+  return "P(" + ", ".join(parts) + ")"
 
 
 def check_shard_map_specs(
@@ -698,7 +703,9 @@ def check_shard_map_specs(
     shape = tuple(np.shape(x))
     nd = len(shape)
     reduce = leaf.reduce_axes if isinstance(leaf, GroupLeaf) else tuple(range(nd))
-    entries = list(spec) + [None] * (nd - len(spec))
+    # `partitions`: JAX >= 0.10 refuses to iterate a spec with (un)reduced axes.
+    parts = tuple(getattr(spec, "partitions", spec))
+    entries = list(parts) + [None] * (nd - len(parts))
     names = [_mesh_names(e, sizes) for e in entries]
     if getattr(leaf, "tie", None) is not None:
       keep = [a for a in range(nd) if a not in reduce]
