@@ -5,21 +5,15 @@ this only keeps the command, its sections and its JSON record from rotting.
 """
 
 import json
-import pathlib
 import subprocess
-import sys
 
+from scripts import run_script
 from xla_version import JAXLIB
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
   """Runs ``benchmarks/<script>`` with ``args`` from the repository root; asserts success."""
-  proc = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / script), *args],
-      capture_output=True, text=True, timeout=600, cwd=ROOT,
-  )
+  proc = run_script("benchmarks", script, *args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 

@@ -3,19 +3,14 @@
 (The demo, data_parallel.py and identification.py have tests of their own.)
 """
 
-import pathlib
 import re
 import subprocess
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from scripts import run_script
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-  return subprocess.run(
-      [sys.executable, str(ROOT / "examples" / script), *args],
-      capture_output=True, text=True, timeout=600, cwd=ROOT,
-  )
+  return run_script("examples", script, *args)
 
 
 def _zero_counts(stdout: str, what: str) -> list[tuple[int, int]]:

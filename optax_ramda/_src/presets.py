@@ -620,14 +620,24 @@ def _mesh_names(entry: Any, sizes: Mapping[str, int]) -> tuple[str, ...]:
   return tuple(n for n in names if sizes.get(n, 2) > 1)
 
 
+def _spec_entries(spec: Any) -> tuple[Any, ...]:
+  """A PartitionSpec's per-axis entries (or a list's items).
+
+  ``partitions`` where JAX has it: JAX >= 0.10 refuses to iterate a spec with
+  unreduced/reduced axes.
+  """
+  return tuple(getattr(spec, "partitions", spec))
+
+
 def _spec_str(spec: Any) -> str:
   """A PartitionSpec (or a list of its entries) as users write it, ``P(None, 'model')``."""
   parts = [
       "P.UNCONSTRAINED" if e is PartitionSpec.UNCONSTRAINED else repr(e)
-      for e in getattr(spec, "partitions", spec)
+      for e in _spec_entries(spec)
   ]
-  parts += [f"{k}={set(v)!r}" for k in ("unreduced", "reduced") if getattr(spec, k, None)
-            for v in [getattr(spec, k)]]
+  for kind in ("unreduced", "reduced"):
+    if getattr(spec, kind, None):
+      parts.append(f"{kind}={set(getattr(spec, kind))!r}")
   return "P(" + ", ".join(parts) + ")"
 
 
@@ -703,8 +713,7 @@ def check_shard_map_specs(
     shape = tuple(np.shape(x))
     nd = len(shape)
     reduce = leaf.reduce_axes if isinstance(leaf, GroupLeaf) else tuple(range(nd))
-    # `partitions`: JAX >= 0.10 refuses to iterate a spec with (un)reduced axes.
-    parts = tuple(getattr(spec, "partitions", spec))
+    parts = _spec_entries(spec)
     entries = list(parts) + [None] * (nd - len(parts))
     names = [_mesh_names(e, sizes) for e in entries]
     if getattr(leaf, "tie", None) is not None:
