@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import optax_ramda
 from optax_ramda import GroupSpec, presets
+from optax_ramda._src import exact, solvers, varying
 
 STEPS = 4
 # Batch means and group norms are reduced in a different order across 8
@@ -149,22 +150,28 @@ def test_fsdp_sharded_params_groups_cross_shards(name):
   assert_state_mirrors(state, params)
 
 
+@pytest.mark.parametrize("check_vma", [True, False])
 @pytest.mark.parametrize("name", sorted(OPTS))
-def test_shard_map_pmean(name):
+def test_shard_map_pmean(name, check_vma):
   opt = OPTS[name]()
   mesh = Mesh(np.array(jax.devices()), ("data",))
+  n = mesh.devices.size
 
   def step(params, state, x, y):
-    grads = jax.lax.pmean(jax.grad(loss_fn)(params, x, y), "data")
+    if check_vma:
+      # JAX's types: the gradient of the replicated params comes back summed
+      # over the devices (a pmean on top would change nothing); the mean loss
+      # over devices gives the mean gradient.
+      grads = jax.grad(lambda p: loss_fn(p, x, y) / n)(params)
+    else:
+      # Per-device gradients, averaged by the explicit pmean.
+      grads = jax.lax.pmean(jax.grad(loss_fn)(params, x, y), "data")
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  # check_vma=False: per-device gradients, averaged by the explicit pmean.
-  # (With jax's default check_vma=True, the gradient of a replicated input is
-  # already summed over devices, and a pmean on top would be a no-op.)
   sharded = jax.jit(jax.shard_map(
       step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P()),
-      check_vma=False,
+      check_vma=check_vma,
   ))
   assert_close(run_steps(opt, sharded), single_device(opt))
 
@@ -220,17 +227,25 @@ def sharded_step(opt, specs, check_vma):
       ax = axis_of(s)
       return a if ax is None else jax.lax.all_gather(a, "model", axis=ax, tiled=True)
 
-    full = jax.tree.map(gather, params, full_specs)
-    g_full = jax.grad(loss_fn)(full, x, y)
-    idx = jax.lax.axis_index("model")
+    if check_vma:
+      # JAX's types know the gather: the gradient of each param comes back summed
+      # over the devices (psum_scatter for a sharded one, psum for a replicated
+      # one), each of which computed the whole loss.
+      n = mesh.devices.size
+      grads = jax.grad(
+          lambda p: loss_fn(jax.tree.map(gather, p, full_specs), x, y) / n)(params)
+    else:
+      full = jax.tree.map(gather, params, full_specs)
+      g_full = jax.grad(loss_fn)(full, x, y)
+      idx = jax.lax.axis_index("model")
 
-    def local(g, a, s):
-      ax = axis_of(s)
-      if ax is None:
-        return g
-      return jax.lax.dynamic_slice_in_dim(g, idx * a.shape[ax], a.shape[ax], ax)
+      def local(g, a, s):
+        ax = axis_of(s)
+        if ax is None:
+          return g
+        return jax.lax.dynamic_slice_in_dim(g, idx * a.shape[ax], a.shape[ax], ax)
 
-    grads = jax.tree.map(local, g_full, params, full_specs)
+      grads = jax.tree.map(local, g_full, params, full_specs)
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
@@ -252,13 +267,15 @@ def test_shard_map_split_groups_raise_naming_the_path(check_vma):
     step(params, opt.init(params), *data())
 
 
+@pytest.mark.parametrize("check_vma", [True, False])
 @pytest.mark.parametrize("name", sorted(OPTS))
-def test_shard_map_whole_groups_follow_single_device(name):
+def test_shard_map_whole_groups_follow_single_device(name, check_vma):
   """fc2 sharded along axis 0 (its groups are rows): allowed, and exact (the PG
-  solver runs a fixed number of iterations, see docs/flax_and_distributed.md)."""
+  solver runs a fixed number of iterations, see docs/flax_and_distributed.md),
+  with JAX's varying-axes check (the default) or without."""
   opt = OPTS[name]()
   presets.check_shard_map_specs(REG, init_params(), WHOLE_GROUPS)
-  step = sharded_step(opt, WHOLE_GROUPS, check_vma=False)
+  step = sharded_step(opt, WHOLE_GROUPS, check_vma=check_vma)
   assert_close(run_steps(opt, step), single_device(opt))
 
 
@@ -365,3 +382,119 @@ def test_check_shard_map_specs_attention_heads():
   # Sharding the heads' reduce axis (head_dim) is refused too.
   with pytest.raises(ValueError, match=r"\['out'\]\['kernel'\].*axis 1 over mesh axis model"):
     presets.check_shard_map_specs(reg, params, specs(P(None, "model")))
+
+
+# --- shard_map with JAX's varying-axes check (check_vma=True, the default) ---------------
+
+@pytest.mark.parametrize("solver", sorted(solvers.SOLVERS))
+@pytest.mark.parametrize("make", [optax_ramda.ramda, optax_ramda.prox_adamw])
+def test_shard_map_check_vma_every_solver(make, solver):
+  """Each group solver's loops trace with a sharded leaf (their carries start
+  from the leaf's data), the params follow the single-device run, and the
+  solver diagnostics are those of the whole leaf on every device."""
+  opt = make(0.05, strength=0.02, regularizer=REG, solver=solver, max_iters=20, min_iters=20)
+
+  def run(step):
+    params, state, (x, y) = init_params(), opt.init(init_params()), data()
+    for _ in range(STEPS):
+      params, state = step(params, state, x, y)
+    return params, optax_ramda.solve_diagnostics(state, params)
+
+  params, diag = run(sharded_step(opt, WHOLE_GROUPS, check_vma=True))
+  ref_params, ref_diag = run(jax.jit(make_step(opt)))
+  assert_close(params, ref_params)
+  assert jax.tree.map(int, diag.iterations) == jax.tree.map(int, ref_diag.iterations)
+  assert int(diag.iterations["fc2"]["kernel"]) > 0
+  # Residuals at round-off level (exact solver) or not measured (-1, PG), alike.
+  for r, r_ref in zip(jax.tree.leaves(diag.residual), jax.tree.leaves(ref_diag.residual)):
+    assert (float(r) < 0) == (float(r_ref) < 0)
+    assert abs(float(r)) <= 1e-6 or float(r) == float(r_ref)
+
+
+def test_shard_map_check_vma_chunked_exact_solve(monkeypatch):
+  """The exact solver's chunk loops (forced on at this size) trace too."""
+  monkeypatch.setattr(exact, "_chunking_pays", lambda: True)  # conftest: 8 devices
+  monkeypatch.setattr(exact, "CHUNK_FROM", 16)
+  monkeypatch.setattr(exact, "CHUNK_ENTRIES", 8)
+  monkeypatch.setattr(exact, "MIN_CHUNK_ENTRIES", 1)
+  chunked = []
+
+  def spy(name):
+    f = getattr(exact, name)
+
+    def solve(*args, **kw):
+      chunked.append(name)
+      return f(*args, **kw)
+
+    return solve
+
+  for name in ("_solve_chunked", "_solve_chunked_leaves"):
+    monkeypatch.setattr(exact, name, spy(name))
+  opt = OPTS["ramda"]()
+  step = sharded_step(opt, WHOLE_GROUPS, check_vma=True)
+  assert_close(run_steps(opt, step), single_device(opt))
+  assert "_solve_chunked" in chunked
+
+
+def test_shard_map_check_vma_nuclear_per_device_blocks():
+  """A nuclear-norm leaf whose rows are split over devices is solved per
+  block (check_shard_map_specs refuses that spec; it is the per-device
+  semantics): the nuclear PG loop traces, each block's update is that of
+  the block alone, and the iterations reported are the slowest block's."""
+  mesh = Mesh(np.array(jax.devices()), ("model",))
+  n = mesh.devices.size
+  reg = optax_ramda.nuclear_norm({"w": optax_ramda.NuclearSpec()})
+  opt = optax_ramda.ramda(0.1, strength=0.5, regularizer=reg)
+  kw, kg = jax.random.split(jax.random.key(2))
+  params = {"w": jax.random.normal(kw, (4 * n, 3))}
+  grads = {"w": jax.random.normal(kg, (4 * n, 3))}
+
+  def update(g, p):
+    u, state = opt.update(g, opt.init(p), p)
+    return u, optax_ramda.solve_diagnostics(state, p).iterations["w"][None]
+
+  spec = {"w": P("model", None)}
+  sharded = jax.jit(jax.shard_map(update, mesh=mesh, in_specs=(spec, spec),
+                                  out_specs=(spec, P("model"))))
+  got, iters = sharded(grads, params)
+  blocks = [update({"w": g}, {"w": p}) for g, p in zip(jnp.split(grads["w"], n),
+                                                      jnp.split(params["w"], n))]
+  np.testing.assert_allclose(got["w"], jnp.concatenate([b[0]["w"] for b in blocks]),
+                             rtol=1e-5, atol=1e-6)
+  # Every device reports the leaf's slowest block (the diagnostics are combined).
+  block_iters = np.concatenate([b[1] for b in blocks])
+  assert len(set(block_iters.tolist())) > 1
+  np.testing.assert_array_equal(iters, np.full(n, block_iters.max()))
+
+
+def test_combine_leaf_diagnostics_over_shards():
+  """Per device diagnostics of leaves replicated, sharded over one mesh axis
+  or over both, on a 2 x 4 mesh: max iterations and relative decrease,
+  residuals in quadrature over each leaf's own shards, -1 if any shard has
+  -1; the results are the same on every device (out_specs P())."""
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+  axes = [frozenset(), frozenset({"model"}), frozenset({"data"}),
+          frozenset({"data", "model"}), frozenset({"model"})]
+  d, m = np.meshgrid(np.arange(2), np.arange(4), indexing="ij")
+  # Entry j's value on device (d, m): the same along the axes its leaf does not vary over.
+  vals = np.stack([np.full_like(d, 3), m + 1, d + 5, 4 * d + m + 1, m + 1], -1).astype(np.float32)
+  res = vals / 8
+  res[0, 2, 4] = -1  # one shard of the last leaf did not measure its residual
+  iters = vals.astype(np.int32)
+
+  def f(it, rel, r):
+    return varying.combine_leaf_diagnostics(it[0, 0], rel[0, 0], r[0, 0], axes, -1.0)
+
+  spec = P("data", "model")
+  out = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(spec,) * 3, out_specs=P()))(
+      iters, vals, res)
+  flat_v, flat_r = vals.reshape(8, 5), res.reshape(8, 5)
+  np.testing.assert_array_equal(out[0], flat_v.max(0).astype(np.int32))
+  np.testing.assert_array_equal(out[1], flat_v.max(0))
+  want = [3 / 8, np.sqrt(np.sum(((np.arange(4) + 1) / 8) ** 2)),
+          np.sqrt(np.sum((np.arange(2) + 5) ** 2)) / 8, np.sqrt(np.sum(flat_r[:, 3] ** 2)), -1]
+  np.testing.assert_allclose(out[2], want, rtol=1e-6)
+  # With no varying axes (outside shard_map), nothing changes and nothing is reduced.
+  v = jnp.arange(3.0)
+  assert all(a is b for a, b in zip(varying.combine_leaf_diagnostics(v, v, v, [frozenset()] * 3,
+                                                                    -1.0), (v, v, v)))

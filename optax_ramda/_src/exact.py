@@ -341,7 +341,8 @@ def _newton(batches: Sequence[tuple[GroupLeaf, _Scaled, jax.Array]], max_newton:
   if not batches:
     return (), (), ()
   dones = tuple(jnp.logical_not(s.keep) for _, s, _ in batches)
-  iters = tuple(jnp.zeros(jnp.shape(rh), jnp.int32) for _, _, rh in batches)
+  # zeros_like: started from the data, as the loop updates them (varying.py).
+  iters = tuple(jnp.zeros_like(rh, jnp.int32) for _, _, rh in batches)
   secs = tuple(jnp.zeros_like(rh) for _, _, rh in batches)
 
   def cond(carry):
@@ -464,10 +465,15 @@ def _solve_chunk(bleaf: GroupLeaf, b: jax.Array, p: jax.Array, t: jax.Array, max
   return jnp.where(t > 0, _regularized_z(s, rh), b), it, sec
 
 
-def _chunk_diagnostics(bleaf: GroupLeaf, shape: tuple[int, ...], dtype: Any):
-  """Zeroed per-group Newton steps and secular residuals of a stacked batch."""
+def _chunk_diagnostics(bleaf: GroupLeaf, shape: tuple[int, ...], like: jax.Array):
+  """Zeroed per-group Newton steps and secular residuals of a stacked batch.
+
+  ``zeros_like`` the batch's data ``like`` (its dtype), as the chunks write
+  them (varying.py).
+  """
   gshape = tuple(1 if a in bleaf.reduce_axes else n for a, n in enumerate(shape))
-  return jnp.zeros(gshape, jnp.int32), jnp.zeros(gshape, dtype)
+  return (jnp.zeros_like(like, jnp.int32, shape=gshape),
+          jnp.zeros_like(like, shape=gshape))
 
 
 def _solve_chunked(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Array, axis: int,
@@ -511,7 +517,7 @@ def _solve_chunked(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Array, ax
     put = lambda buf, val: lax.dynamic_update_slice_in_dim(buf, val, c * width, axis)
     return put(z_all, z), put(it_all, it), put(sec_all, sec)
 
-  init = (ins[-1], *_chunk_diagnostics(bleaf, shape, ins[-1].dtype))
+  init = (ins[-1], *_chunk_diagnostics(bleaf, shape, ins[-1]))
   return lax.fori_loop(0, chunks, body, init)
 
 
@@ -551,7 +557,7 @@ def _solve_chunked_leaves(bleaf: GroupLeaf, ps: Sequence[LeafProblem], t: jax.Ar
     put = lambda buf, val: lax.dynamic_update_slice_in_dim(buf, val, c * width, axis)
     return zs, put(it_all, it), put(sec_all, sec)
 
-  init = (tuple(p.metric for p in ps), *_chunk_diagnostics(bleaf, shape, ps[0].metric.dtype))
+  init = (tuple(p.metric for p in ps), *_chunk_diagnostics(bleaf, shape, ps[0].metric))
   zs, it, sec = lax.fori_loop(0, chunks, body, init)
   return list(zs), it, sec
 

@@ -242,8 +242,11 @@ def nuclear_pg(leaf: NuclearLeaf, p: LeafProblem) -> LeafSolution:
     stop = ((i1 >= leaf.min_iters) & (rel < leaf.rtol)) | (i1 >= leaf.max_iters)
     return i1, z, cur, stop, rel
 
-  zero = jnp.zeros([], z0.dtype)
-  carry = (jnp.zeros([], jnp.int32), z0, prev0, jnp.logical_not(t > 0), zero)
+  # Counter, flag and decrease start from the data (zeros_like), as the loop
+  # updates them (varying.py).
+  zero = jnp.zeros_like(prev0)
+  done0 = jnp.logical_not(t > 0) | jnp.zeros_like(prev0, bool)
+  carry = (jnp.zeros_like(prev0, jnp.int32), z0, prev0, done0, zero)
   it, z, _, _, rel = lax.while_loop(cond, body, carry)
   z = jnp.where(t > 0, z, unregularized_point(p))
   res = jnp.where(t > 0, jnp.asarray(NOT_MEASURED, z0.dtype), zero)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from optax._src import base
 
-from optax_ramda._src import nuclear, solvers, tied, validation
+from optax_ramda._src import nuclear, solvers, tied, validation, varying
 from optax_ramda._src.groups import UNREGULARIZED, GroupLeaf
 from optax_ramda._src.non_float import is_real_float
 from optax_ramda._src.regularizers import Regularizer
@@ -71,6 +71,12 @@ class SolveState(NamedTuple):
 
   ``relative_decrease`` and ``residual`` have the solves' compute dtype (at
   least float32; float64 if any leaf solves in float64).
+
+  Inside ``jax.shard_map`` with ``check_vma=True``, a leaf sharded over mesh
+  axes gets the entries of the whole leaf, the same on every device: the
+  largest ``iterations`` and ``relative_decrease`` of its blocks and their
+  ``residual`` in quadrature (``varying.combine_leaf_diagnostics``). With
+  ``check_vma=False`` each device keeps its own block's.
   """
 
   iterations: jax.Array
@@ -405,6 +411,11 @@ def solve_subproblem(
     from_vectors = (vsol, [pending_idx[k] for k in vsol.order])
     z = jax.tree.unflatten(treedef, unpack(zs))
     its, rels, ress = _diagnostic_vectors(scalars, from_vectors, source, state.residual.dtype)
+    # Inside shard_map (check_vma=True): a sharded leaf's diagnostics of the whole leaf.
+    axes = [frozenset().union(*map(varying.varying_axes, f)) for f in zip(*fields)]
+    its, rels, ress = varying.combine_leaf_diagnostics(
+        its, rels, ress, [axes[j] for j in source], solvers.NOT_MEASURED
+    )
     new_state = SolveState(its, rels, ress, solve_count=state.solve_count + 1)
     return NewPoint(z), new_state
 

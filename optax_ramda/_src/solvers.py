@@ -206,12 +206,12 @@ def pg_solve(
     return []
   setups, zs, prevs, dones = zip(*(_pg_setup(leaf, p) for leaf, p in zip(leaves, problems)))
   starts = prevs
-  n = len(problems)
-  iters = tuple(jnp.zeros([], jnp.int32) for _ in range(n))
-  rels = tuple(jnp.zeros([], prev.dtype) for prev in prevs)
+  # zeros_like the leaf's data, as the loop updates them (varying.py).
+  iters = tuple(jnp.zeros_like(prev, jnp.int32) for prev in prevs)
+  rels = tuple(jnp.zeros_like(prev) for prev in prevs)
   # The residual at z, carried only when it is the stopping quantity. Leaves
   # done before the first sweep are exact (all screened, or t == 0): 0.
-  ress = tuple(jnp.zeros([], prev.dtype) for prev in prevs)
+  ress = tuple(jnp.zeros_like(prev) for prev in prevs)
 
   def cond(carry):
     done = carry[3]
