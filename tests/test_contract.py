@@ -320,6 +320,13 @@ def test_bf16_dual_averages_warn_unless_the_dtype_is_chosen(name):
     build(name, accumulator_dtype=None).init(params)
   msgs = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
   assert any("accumulator_dtype=jnp.float32" in m for m in msgs) == sums, msgs
+  # The warning points at the user's call, here and through jax.jit, not into the library.
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    jax.jit(build(name, accumulator_dtype=None).init)(params)
+  ours = [w for w in caught if "accumulator_dtype=jnp.float32" in str(w.message)]
+  assert len(ours) == sums
+  assert all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in ours]
   for acc in (jnp.float32, jnp.bfloat16):
     with warnings.catch_warnings():
       warnings.simplefilter("error")

@@ -249,8 +249,9 @@ def test_an_override_that_matches_no_path_warns_at_init():
     warnings.simplefilter("error")
     typo = presets.from_nnx(model, overrides={"fcc/kernel": None})  # no warning yet
   opt = optax_ramda.ramda(0.1, 1e-3, typo)
-  with pytest.warns(UserWarning, match=r"pattern 'fcc/kernel' matches no parameter path"):
+  with pytest.warns(UserWarning, match=r"pattern 'fcc/kernel' matches no parameter path") as w:
     opt.init(params)
+  assert [r.filename for r in w] == [__file__]  # the user's line, not the library's
   with pytest.warns(UserWarning, match="'fcc/kernel'"):
     assert axes_by_path(typo, params)["fc/kernel"] == (1,)  # the typo changed nothing
   # from_params: the same at init, not at construction (the tree the optimizer sees

@@ -17,6 +17,25 @@ def test_group_lasso_value():
   np.testing.assert_allclose(value, expected, rtol=1e-6)
 
 
+def test_group_lasso_value_gradient_at_zero_groups():
+  """jax.grad of psi (e.g. in a loss) is finite after training zeroed groups:
+  weight * x_g / ||x_g|| on a non-zero group, 0 (the minimum-norm
+  subgradient) on a zero one; also under jit, for ties and for L1."""
+  x = jnp.asarray(np.arange(12.0).reshape(3, 4) - 5).at[1].set(0.0)
+  reg = optax_ramda.group_lasso({"w": GroupSpec((1,)), "b": None})
+  params = {"w": x, "b": jnp.ones(3)}
+  g = jax.jit(jax.grad(reg.value))(params)
+  norms = np.linalg.norm(np.asarray(x), axis=1, keepdims=True)
+  want = np.where(norms > 0, 2 * np.asarray(x) / np.where(norms > 0, norms, 1), 0)
+  np.testing.assert_allclose(g["w"], want, rtol=1e-6)
+  assert np.all(np.asarray(g["w"][1]) == 0) and np.all(np.asarray(g["b"]) == 0)
+  assert float(reg.value(params)) == float(2 * np.sum(norms, dtype=np.float32))
+  tied = optax_ramda.group_lasso({"a": GroupSpec((1,), tie="t"), "b": GroupSpec((0,), tie="t")})
+  tg = jax.grad(tied.value)({"a": jnp.zeros((2, 3)), "b": jnp.ones((4, 2)).at[:, 0].set(0)})
+  assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(tg))
+  np.testing.assert_array_equal(jax.grad(optax_ramda.l1().value)(jnp.zeros(3)), 0)
+
+
 def test_regularized_complex_leaves_are_refused():
   """psi is defined on real params (x * x is not |x|^2 for complex x): a regularized
   complex leaf is a TypeError naming it, unregularized ones are left alone."""

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -56,6 +55,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from optax_ramda._src import validation
 from optax_ramda._src.groups import GroupSpec
 from optax_ramda._src.regularizers import GroupLasso
 
@@ -325,13 +325,11 @@ def _warn_unmatched(classify: _Classifier, params: Any, built_from: list[str]) -
     if any(_may_lie_under(pattern, m) for m in masked):
       continue
     examples = ", ".join(repr(p) for p in paths[:3])
-    warnings.warn(
+    validation.warn_user(
         f"optax_ramda.presets: {'stacked' if pattern in classify.stacked else 'override'} "
         f"pattern {pattern!r} matches no parameter path "
         f"(paths such as {examples}), so it changes nothing. Check its spelling, and "
-        "whether the paths start with a prefix such as 'params/'.",
-        UserWarning,
-        stacklevel=2,
+        "whether the paths start with a prefix such as 'params/'."
     )
 
 

@@ -53,7 +53,8 @@ class Regularizer:
     """``psi(params)``, summed over all regularized leaves (no lambda).
 
     A joint group of tied leaves (``GroupSpec(tie=...)``) counts once, with
-    its norm over all its slices.
+    its norm over all its slices. ``jax.grad`` of it is finite everywhere: 0
+    on the entries of an all-zero group (:func:`leaf_value`).
     """
     leaves, xs = _flat(self.leaves(params), params)
     plan = tied.packing(leaves, [jnp.shape(x) for x in xs])
@@ -109,9 +110,19 @@ def _flat(leaves_tree: Any, params: Any) -> tuple[list[Any], list[Any]]:
 
 
 def leaf_value(leaf: Any, x: jax.Array) -> jax.Array:
-  """``psi`` of one leaf without lambda (0 for an unregularized leaf)."""
+  """``psi`` of one leaf without lambda (0 for an unregularized leaf).
+
+  Differentiable everywhere with ``jax.grad``: at an all-zero group the
+  gradient is 0, the minimum-norm subgradient of ``||x_g||`` there (the plain
+  ``sqrt`` of the sum of squares would give NaN).
+  """
   if isinstance(leaf, GroupLeaf):
-    return leaf.weight * jnp.sum(leaf.norm(x))
+    if not leaf.reduce_axes:  # L1: jax.grad of abs is 1 at 0
+      return leaf.weight * jnp.sum(jnp.where(x == 0, 0, jnp.abs(x)))
+    sq = jnp.sum(x * x, axis=leaf.reduce_axes, keepdims=True)
+    nonzero = sq > 0
+    norms = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1)), 0)
+    return leaf.weight * jnp.sum(norms)
   if hasattr(leaf, "psi"):
     return leaf.psi(x)
   return jnp.zeros([], jnp.result_type(float))

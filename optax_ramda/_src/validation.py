@@ -9,6 +9,9 @@ checked on the host without a sync, so they are left alone.
 from __future__ import annotations
 
 import math
+import os
+import sys
+import types
 import warnings
 from typing import Any
 
@@ -134,6 +137,39 @@ def _name(path: Any) -> str:
   return jax.tree_util.keystr(path) or "(the params array)"
 
 
+def _library_dirs() -> tuple[str, ...]:
+  """Folders of this package and of the libraries that call into it (jax,
+  optax, flax, when imported), each ending in a separator."""
+  dirs = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+  for name in ("jax", "optax", "flax", "chex"):
+    path = getattr(sys.modules.get(name), "__file__", None)
+    if path:
+      dirs.append(os.path.dirname(os.path.abspath(path)))
+  return tuple(os.path.join(d, "") for d in dirs)
+
+
+def warn_user(message: str) -> None:
+  """``warnings.warn(message, UserWarning)`` attributed to the user's code.
+
+  The line shown (and the one ``-W`` filters and the once-per-location
+  registry use) is the first caller outside this package, jax, optax, flax
+  and chex, so a warning raised at ``init``, inside ``optax.chain`` or
+  ``jax.jit``, points at the user's call instead of into the library.
+  """
+  internal = _library_dirs()
+  frame: types.FrameType | None = sys._getframe(1)
+  level = 2
+  while frame is not None and (
+      os.path.abspath(frame.f_code.co_filename).startswith(internal)
+      or frame.f_code.co_filename.startswith("<")  # importlib, exec'd code
+  ):
+    frame = frame.f_back
+    level += 1
+  if frame is None:  # only library frames: the direct caller
+    level = 2
+  warnings.warn(message, UserWarning, stacklevel=level)
+
+
 def check_dual_average_dtypes(params: Any) -> None:
   """Low-precision params need a wider accumulator for the dual averages.
 
@@ -159,14 +195,12 @@ def check_dual_average_dtypes(params: Any) -> None:
       bf16.append(_name(path))
   if bf16:
     more = f" (and {len(bf16) - 1} more)" if len(bf16) > 1 else ""
-    warnings.warn(
+    warn_user(
         f"parameter {bf16[0]}{more} is bfloat16, so the dual averages V and U "
         "(ALGORITHMS.md §2-3) would be summed in bfloat16: once a step's increment "
         "is below half an ulp of the sum (8 significant bits, after a few hundred "
         "steps) new gradients are lost and training stalls. Pass "
         "accumulator_dtype=jnp.float32 (x0, V and U in float32, the params stay "
         "bfloat16), or accumulator_dtype=jnp.bfloat16 to keep bfloat16 state "
-        "knowingly and silence this warning.",
-        UserWarning,
-        stacklevel=2,
+        "knowingly and silence this warning."
     )
