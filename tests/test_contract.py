@@ -371,3 +371,28 @@ def test_extra_args_accepted(name):
   assert isinstance(build(name), optax.GradientTransformationExtraArgs)
 
 
+
+
+@pytest.mark.parametrize(
+    "name,solver", [(n, None) for n in NAMES] + [("ramda", "pg"), ("ramda", "pg_fused")]
+)
+def test_vmap_over_an_ensemble_is_bit_identical(name, solver):
+  """``jax.vmap`` of init and STEPS updates over 3 models (an ensemble, one of
+  them with a zero group) gives each member's params and state bit for bit as
+  its own run: the solvers' loops stop per group (or leaf) under vmap too."""
+  opt = build(name) if solver is None else build(name, solver=solver)
+  members = [jax.tree.map(lambda x, k=k: x * (1 + 0.3 * k), make_params()) for k in range(3)]
+  members[1]["dense"]["kernel"] = members[1]["dense"]["kernel"].at[:, 0].set(0)
+  grads = [grads_seq(m, seed=10 + k) for k, m in enumerate(members)]
+
+  def train(params, gs):
+    state = opt.init(params)
+    for g in gs:
+      updates, state = opt.update(g, state, params)
+      params = optax.apply_updates(params, updates)
+    return params, state
+
+  stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  together = jax.jit(jax.vmap(train))(stack(members), [stack(g) for g in zip(*grads)])
+  for k, (m, g) in enumerate(zip(members, grads)):
+    assert_trees(jax.tree.map(lambda x, k=k: x[k], together), jax.jit(train)(m, g))
