@@ -333,6 +333,17 @@ def test_bf16_dual_averages_warn_unless_the_dtype_is_chosen(name):
       build(name, accumulator_dtype=acc).init(params)
 
 
+def test_warning_from_a_notebook_cell_points_at_the_cell():
+  """Code without a file (a notebook cell, ``python -c``) is the user's too."""
+  code = compile("build('ramda', accumulator_dtype=None).init(params)", "<ipython-input-1>",
+                 "exec")
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    exec(code, {"build": build, "params": make_params(jnp.bfloat16)})
+  ours = [w for w in caught if "accumulator_dtype=jnp.float32" in str(w.message)]
+  assert [(w.filename, w.lineno) for w in ours] == [("<ipython-input-1>", 1)]
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("acc", [None, jnp.float32])
 def test_bf16_trajectory_follows_float32(name, acc):
@@ -372,14 +383,15 @@ def test_extra_args_accepted(name):
 
 
 
-
 @pytest.mark.parametrize(
     "name,solver", [(n, None) for n in NAMES] + [("ramda", "pg"), ("ramda", "pg_fused")]
 )
-def test_vmap_over_an_ensemble_is_bit_identical(name, solver):
+def test_vmap_over_an_ensemble_follows_each_member(name, solver):
   """``jax.vmap`` of init and STEPS updates over 3 models (an ensemble, one of
-  them with a zero group) gives each member's params and state bit for bit as
-  its own run: the solvers' loops stop per group (or leaf) under vmap too."""
+  them with a zero group) gives each member's params and state as its own
+  run: the solvers' loops stop per group (or leaf) under vmap too. Within
+  rounding: batched reductions may add in another order (bit for bit on these
+  small models on CPU, measured; not on larger ones)."""
   opt = build(name) if solver is None else build(name, solver=solver)
   members = [jax.tree.map(lambda x, k=k: x * (1 + 0.3 * k), make_params()) for k in range(3)]
   members[1]["dense"]["kernel"] = members[1]["dense"]["kernel"].at[:, 0].set(0)
@@ -395,4 +407,5 @@ def test_vmap_over_an_ensemble_is_bit_identical(name, solver):
   stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
   together = jax.jit(jax.vmap(train))(stack(members), [stack(g) for g in zip(*grads)])
   for k, (m, g) in enumerate(zip(members, grads)):
-    assert_trees(jax.tree.map(lambda x, k=k: x[k], together), jax.jit(train)(m, g))
+    assert_trees(jax.tree.map(lambda x, k=k: x[k], together), jax.jit(train)(m, g),
+                 rtol=1e-5, atol=1e-6)

@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from optax_ramda._src import varying
 from optax_ramda._src.groups import GroupLeaf
 from optax_ramda._src.solvers import (
     LeafProblem,
@@ -272,12 +273,16 @@ def exact_solve_vectors(
   # faster compile and 2x faster run for 48 (64, 64) kernels, BENCHMARKS.md
   # "Profile"), in batches of at most MAX_STACK leaves. P is stacked, and b
   # formed from the stacks of P, x0 and V, so that each leaf's P is written
-  # only into the stack, by the fusion that computes it.
+  # only into the stack, by the fusion that computes it. Inside shard_map
+  # (check_vma=True) leaves that vary along different mesh axes are not
+  # stacked: a replicated leaf stacked with a sharded one would come out
+  # typed as sharded (varying.py).
   batches: dict[Any, list[int]] = {}
   for i, (leaf, p) in enumerate(zip(leaves, problems)):
-    batches.setdefault((leaf, p.metric.shape, p.metric.dtype), []).append(i)
+    axes = frozenset().union(*map(varying.varying_axes, (p.centre, p.linear, p.metric)))
+    batches.setdefault((leaf, p.metric.shape, p.metric.dtype, axes), []).append(i)
   done, looped = [], []  # (idx, t, (z, iterations, secular)); the batches left for one loop
-  for (leaf, shape, _), idx in batches.items():
+  for (leaf, shape, _, _), idx in batches.items():
     ps = [problems[i] for i in idx]
     bleaf = _stacked(leaf, len(idx))
     t = jnp.stack([p.threshold for p in ps]).reshape((len(idx),) + (1,) * len(shape))

@@ -53,8 +53,9 @@ class Regularizer:
     """``psi(params)``, summed over all regularized leaves (no lambda).
 
     A joint group of tied leaves (``GroupSpec(tie=...)``) counts once, with
-    its norm over all its slices. ``jax.grad`` of it is finite everywhere: 0
-    on the entries of an all-zero group (:func:`leaf_value`).
+    its norm over all its slices. For the group LASSO and L1, ``jax.grad``
+    of it is finite at finite params: 0 on the entries of an all-zero group
+    (:func:`leaf_value`).
     """
     leaves, xs = _flat(self.leaves(params), params)
     plan = tied.packing(leaves, [jnp.shape(x) for x in xs])
@@ -120,7 +121,7 @@ def leaf_value(leaf: Any, x: jax.Array) -> jax.Array:
     if not leaf.reduce_axes:  # L1: jax.grad of abs is 1 at 0
       return leaf.weight * jnp.sum(jnp.where(x == 0, 0, jnp.abs(x)))
     sq = jnp.sum(x * x, axis=leaf.reduce_axes, keepdims=True)
-    nonzero = sq > 0
+    nonzero = sq != 0  # True for NaN: a NaN group stays NaN
     norms = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1)), 0)
     return leaf.weight * jnp.sum(norms)
   if hasattr(leaf, "psi"):

@@ -154,20 +154,25 @@ def warn_user(message: str) -> None:
   The line shown (and the one ``-W`` filters and the once-per-location
   registry use) is the first caller outside this package, jax, optax, flax
   and chex, so a warning raised at ``init``, inside ``optax.chain`` or
-  ``jax.jit``, points at the user's call instead of into the library.
+  ``jax.jit``, points at the user's call instead of into the library (a
+  notebook cell, ``python -c`` and doctests included).
   """
   internal = _library_dirs()
+  if sys.version_info >= (3, 12):
+    warnings.warn(message, UserWarning, skip_file_prefixes=internal)
+    return
+  # Python 3.11: count the frames to skip, as warnings.warn counts them
+  # (it passes over importlib's bootstrap frames without counting them).
   frame: types.FrameType | None = sys._getframe(1)
-  level = 2
-  while frame is not None and (
-      os.path.abspath(frame.f_code.co_filename).startswith(internal)
-      or frame.f_code.co_filename.startswith("<")  # importlib, exec'd code
-  ):
+  level = 2  # warn_user is level 1, its caller level 2
+  while frame is not None:
+    name = frame.f_code.co_filename
+    if not ("importlib" in name and "_bootstrap" in name):
+      if not os.path.abspath(name).startswith(internal):
+        break
+      level += 1
     frame = frame.f_back
-    level += 1
-  if frame is None:  # only library frames: the direct caller
-    level = 2
-  warnings.warn(message, UserWarning, stacklevel=level)
+  warnings.warn(message, UserWarning, stacklevel=level if frame is not None else 2)
 
 
 def check_dual_average_dtypes(params: Any) -> None:

@@ -65,9 +65,11 @@ def combine_leaf_diagnostics(
   ``residual`` of the whole leaf, the shards' residuals summed in
   quadrature (each is a norm over its own groups), or ``not_measured``
   where any shard did not measure it. A replicated leaf's entries are
-  unchanged. The results are invariant along every axis. With no varying
-  axes (outside ``shard_map`` or with ``check_vma=False``) the vectors are
-  returned as they are, with no collective.
+  unchanged. A leaf that varies along an axis is taken for a sharded one
+  (independent per-device models would have theirs combined too). The
+  results are invariant along every axis. With no varying axes (outside
+  ``shard_map`` or with ``check_vma=False``) the vectors are returned as
+  they are, with no collective.
   """
   union = frozenset().union(*leaf_axes)
   if not union:
