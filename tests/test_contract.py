@@ -99,6 +99,10 @@ def jitted_update(opt):
   return _JITTED[id(opt)][1]
 
 
+# bf16 params without accumulator_dtype warn at init (tested on its own below).
+BF16_WARNING = pytest.mark.filterwarnings("ignore:parameter .* is bfloat16:UserWarning")
+
+
 def grads_seq(params, n=STEPS, seed=1):
   out = []
   for i in range(n):
@@ -288,6 +292,7 @@ def test_apply_if_finite(name):
   assert_trees(traj[-1], ref[-1])  # and leaves no trace: bit-identical
 
 
+@BF16_WARNING
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("acc", [None, jnp.float32])
 def test_bf16_params(name, acc):
@@ -344,6 +349,7 @@ def test_warning_from_a_notebook_cell_points_at_the_cell():
   assert [(w.filename, w.lineno) for w in ours] == [("<ipython-input-1>", 1)]
 
 
+@BF16_WARNING
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("acc", [None, jnp.float32])
 def test_bf16_trajectory_follows_float32(name, acc):
@@ -380,7 +386,6 @@ def test_extra_args_accepted(name):
   b, _ = run(opt, params, grads_seq(params))
   assert_trees(a, b)
   assert isinstance(build(name), optax.GradientTransformationExtraArgs)
-
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
 """Each stage on its own, against the spec's formulas evaluated in numpy (float64)."""
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -208,7 +210,9 @@ class RamdaVariantsTest(chex.TestCase):
     reg = optax_ramda.group_lasso(optax_ramda.GroupSpec((1,)))
     params = {"w": jnp.ones((3, 4), dtype), "v": jnp.ones((2, 5), dtype)}
     opt = optax_ramda.ramda(0.1, 0.01, reg)
-    state = opt.init(params)
+    with warnings.catch_warnings():  # bf16 state is what is tested: no accumulator_dtype
+      warnings.filterwarnings("ignore", "parameter .* is bfloat16", UserWarning)
+      state = opt.init(params)
     updates, new_state = self.variant(opt.update)(params, state, params)
     chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
     da = new_state[0]
